@@ -1,0 +1,94 @@
+"""Training objectives: corrupt, call the network, average the per-token loss over valid tokens.
+
+Shape legend: ``x0_BL`` LongTensor ``[B, L]``; ``valid_BL`` bool ``[B, L]``; ``t_B`` float ``[B]``.
+The network is any callable ``(xt_BL, sigma_B, noise_BL | None) -> logits_BLV`` (diffusion) or
+``(x_BL) -> logits_BLV`` (AR); its logits may be bf16 and are upcast to float32 before any math.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from udmtrain.diffusion.functional import upcast
+from udmtrain.diffusion.losses import DiffusionLoss, nelbo_loss_for
+from udmtrain.diffusion.parameterization import Parameterization
+from udmtrain.diffusion.process import ForwardProcess
+from udmtrain.diffusion.schedule import Schedule
+from udmtrain.diffusion.time_sampling import iid_times, sample_times, stratified_times  # noqa: F401 (re-export)
+
+
+class LossOutput(NamedTuple):
+    """``loss``: differentiable mean over valid tokens; ``nelbo_sum``, ``loss_sum`` (detached sums over
+    valid tokens, for exact token-weighted reduction across ranks); ``num_tokens``: valid token count."""
+
+    loss: Tensor
+    nelbo_sum: Tensor
+    loss_sum: Tensor
+    num_tokens: Tensor
+
+
+def _reduce(per_token_BL: Tensor, nelbo_BL: Tensor, mask_BL: Tensor) -> LossOutput:
+    mask = mask_BL.to(per_token_BL.device).bool()
+    zero = torch.zeros((), dtype=per_token_BL.dtype, device=per_token_BL.device)
+    loss_sum = torch.where(mask, per_token_BL, zero).sum()  # where, not *: NaN/inf at padding stay out
+    num = mask.sum()
+    nelbo_sum = torch.where(mask, nelbo_BL.detach(), zero).sum()
+    return LossOutput(loss_sum / num.clamp_min(1), nelbo_sum, loss_sum.detach(), num)
+
+
+class DiffusionObjective:
+    """``schedule -> process.corrupt -> network -> loss.per_token``, averaged over valid tokens.
+
+    ``nelbo_loss`` (logged as ``nll``) defaults to ``nelbo_loss_for(loss, process)``: the loss itself
+    when it is a NELBO, else the process's natural NELBO (or the loss's configured ``bound``).
+    """
+
+    def __init__(self, schedule: Schedule, process: ForwardProcess, parameterization: Parameterization,
+                 loss: DiffusionLoss, nelbo_loss: DiffusionLoss | None = None) -> None:
+        self.schedule, self.process, self.parameterization, self.loss = schedule, process, parameterization, loss
+        self.nelbo_loss = nelbo_loss if nelbo_loss is not None else nelbo_loss_for(loss, process)
+
+    def _forward(self, network: Callable, x0_BL: Tensor, t_B: Tensor, generator: torch.Generator | None):
+        """Corrupt ``x0_BL`` at times ``t_B`` and call the network -> the loss arguments (fp32 logits)."""
+        t_B = t_B.to(device=x0_BL.device, dtype=torch.float64 if t_B.dtype == torch.float64 else torch.float32)
+        alpha_B, dalpha_B = self.schedule.alpha(t_B)
+        alpha_B1, dalpha_B1 = alpha_B.unsqueeze(-1), dalpha_B.unsqueeze(-1)
+        noised = self.process.corrupt(x0_BL, alpha_B1, generator)
+        logits_BLV = upcast(network(noised.xt_BL, self.schedule.sigma(t_B), noised.noise_BL))
+        return (self.parameterization, logits_BLV, x0_BL, noised, alpha_B1, dalpha_B1)
+
+    def __call__(self, network: Callable, x0_BL: Tensor, valid_BL: Tensor, t_B: Tensor,
+                 generator: torch.Generator | None = None) -> LossOutput:
+        """One Monte-Carlo NELBO/loss estimate with one time per sequence (``t_B``)."""
+        args = self._forward(network, x0_BL, t_B, generator)
+        per_token_BL = self.loss.per_token(*args)
+        if self.nelbo_loss is self.loss:
+            nelbo_BL = per_token_BL.detach()
+        else:
+            with torch.no_grad():
+                nelbo_BL = self.nelbo_loss.per_token(*args)
+        return _reduce(per_token_BL, nelbo_BL, valid_BL)
+
+    def per_token_nelbo(self, network: Callable, x0_BL: Tensor, t_B: Tensor,
+                        generator: torch.Generator | None = None) -> Tensor:
+        """The NELBO integrand ``[B, L]`` at times ``t_B`` (for evaluation; padding is not masked)."""
+        return self.nelbo_loss.per_token(*self._forward(network, x0_BL, t_B, generator))
+
+
+class ARObjective:
+    """Next-token NLL of an AR network ``network(x_BL) -> logits_BLV``; ``nelbo_sum`` is the exact NLL sum.
+
+    Position 0 is never predicted, so ``num_tokens`` counts valid positions ``l >= 1``.
+    """
+
+    def __init__(self, loss) -> None:
+        self.loss = loss
+
+    def __call__(self, network: Callable, x0_BL: Tensor, valid_BL: Tensor, t_B: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> LossOutput:
+        """``t_B``/``generator`` are accepted (and ignored) so the trainer can call both objectives alike."""
+        nll_BL = self.loss.per_token(network(x0_BL).float(), x0_BL)
+        return _reduce(nll_BL, nll_BL.detach(), self.loss.counted(valid_BL))

@@ -1,0 +1,275 @@
+"""Sampler base class: time grid, counted network calls, temperature/nucleus, prefix clamping.
+
+Shape legend: ``B`` batch, ``L`` sequence length, ``V`` states per position (``process.num_states``:
+V tokens for ``uniform``/``absorbing_uniform``, V+1 with the mask at id V for ``masked``).
+``z_BL`` current state, ``noise_BL`` AUDM noise tokens ``n`` (None for other processes),
+``alpha_B1`` float ``[B, 1]``.
+
+Every sampler is ``Sampler(cfg, schedule, process, parameterization)`` and
+``sample(network, batch_size, seq_len, generator, prefix_BL=None, prefix_len=0) -> SampleOutput``
+(docs/architecture.md "Samplers"). ``network`` is any callable ``(xt_BL, sigma_B, noise_BL) ->
+logits_BLV``; all calls go through :meth:`Sampler.call_network`, which counts the NFE and passes
+``sigma_B = schedule.sigma(t_B)`` (float32, the network's time input). Random numbers come only from
+the ``generator`` argument (SPEC 10.3), so a seed fixes the samples.
+
+Time grid (SPEC 5.1): ``t_k = 1 - k/n``, ``k = 0..n``; step ``k`` goes from ``t_k`` to ``t_{k+1}``; the
+last step lands on ``s = 0`` where ``alpha = 1`` and every kernel returns clean tokens.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from udmtrain.diffusion.samplers import categorical as cat
+
+PredictionKind = Literal["denoiser", "loo"]
+
+
+def process_kind(process: Any) -> str:
+    """``"masked"``, ``"uniform"`` or ``"absorbing_uniform"`` from the process's declared attributes.
+
+    Decided from ``uses_noise_tokens`` / ``mask_id`` (docs/architecture.md), not from names, so any
+    process exposing those attributes works.
+    """
+    if getattr(process, "uses_noise_tokens", False):
+        return "absorbing_uniform"
+    if getattr(process, "mask_id", None) is not None:
+        return "masked"
+    return "uniform"
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    """Result of :meth:`Sampler.sample`."""
+
+    tokens_BL: torch.Tensor
+    """Final tokens, LongTensor ``[B, L]`` (never the mask id)."""
+    nfe: int
+    """Number of network calls actually made (== ``num_steps`` except when a cache skipped calls)."""
+    noise_BL: torch.Tensor | None = None
+    """Final AUDM noise tokens ``n`` (absorbing_uniform only), else None."""
+    trajectory: tuple[torch.Tensor, ...] | None = None
+    """States after every step (CPU copies) when ``record_trajectory`` is set, else None."""
+
+
+@dataclass
+class SamplingRun:
+    """Mutable state of one ``sample`` call, passed to the step functions."""
+
+    network: Callable[..., torch.Tensor]
+    generator: torch.Generator
+    z_BL: torch.Tensor
+    noise_BL: torch.Tensor | None
+    prefix_BL: torch.Tensor | None
+    prefix_len: int
+    nfe: int = 0
+    trajectory: list[torch.Tensor] | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def free_BL(self) -> torch.Tensor:
+        """Bool ``[B, L]``: positions the sampler may change (False on the clamped prefix)."""
+        free = torch.ones_like(self.z_BL, dtype=torch.bool)
+        free[:, : self.prefix_len] = False
+        return free
+
+
+class Sampler(abc.ABC):
+    """Base of every sampler; subclasses implement :meth:`generate` (the time loop).
+
+    Subclasses declare process compatibility in ``requires`` (checked by the recipe validator at
+    config time and again here at construction).
+    """
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config:
+        num_steps: int = 256
+        """Number of network evaluations (NFE budget) of one ``sample`` call."""
+        temperature: float = 1.0
+        """Sampling temperature T > 0 (SPEC 5.2); 1 leaves the model's distribution unchanged."""
+        temperature_on: Literal["auto", "loo", "denoiser", "logits"] = "auto"
+        """What T divides: 'logits' = raw network logits before the parameterization's conversion;
+        'loo' / 'denoiser' = that posterior's log-probs (then renormalised, converted exactly if the
+        kernel consumes the other object); 'auto' = 'loo' for the uniform process (the paper's LOO
+        temperature sampling), 'denoiser' otherwise."""
+        top_p: float = 1.0
+        """Nucleus mass in (0, 1] applied to the per-position prediction the kernel consumes
+        (SPEC 5.3; top-1 always kept, renormalised); 1 disables it."""
+        record_trajectory: bool = False
+        """Keep a CPU copy of the state after every step in ``SampleOutput.trajectory``."""
+
+    requires: ClassVar[Mapping[str, frozenset[str]]] = {}
+
+    def __init__(self, cfg: Config, schedule: Any, process: Any, parameterization: Any) -> None:
+        self.cfg, self.schedule, self.process, self.param = cfg, schedule, process, parameterization
+        self.kind = process_kind(process)
+        self.num_states = int(process.num_states)
+        # number of real tokens (the mask is an extra state of the masked process)
+        self.vocab_size = self.num_states - 1 if self.kind == "masked" else self.num_states
+        self.mask_id = getattr(process, "mask_id", None)
+        name = getattr(type(self), "registry_name", type(self).__name__)
+        allowed = self.requires.get("process")
+        if allowed is not None and self.kind not in allowed:
+            raise ValueError(
+                f"sampler {name!r} works with process {sorted(allowed)}, not {self.kind!r}; "
+                f"choose another sampler (e.g. 'ancestral') or process"
+            )
+        if cfg.num_steps < 1:
+            raise ValueError(f"sampler.num_steps must be >= 1, got {cfg.num_steps}")
+        if not cfg.temperature > 0:
+            raise ValueError(f"sampler.temperature must be > 0, got {cfg.temperature}")
+        if not 0.0 < cfg.top_p <= 1.0:
+            raise ValueError(f"sampler.top_p must be in (0, 1], got {cfg.top_p}")
+        mode = cfg.temperature_on
+        if mode == "auto":
+            mode = "loo" if self.kind == "uniform" else "denoiser"
+        if mode == "loo" and self.kind != "uniform":
+            raise ValueError(
+                f"sampler.temperature_on='loo' needs the uniform process (the LOO posterior exists "
+                f"only there), got process {self.kind!r}; use 'denoiser' or 'logits'"
+            )
+        self.temperature_on = mode
+
+    # ------------------------------------------------------------------ public API
+    def sample(self, network: Callable[..., torch.Tensor], batch_size: int, seq_len: int,
+               generator: torch.Generator, prefix_BL: torch.Tensor | None = None,
+               prefix_len: int = 0) -> SampleOutput:
+        """Draw ``batch_size`` sequences of ``seq_len`` tokens.
+
+        ``prefix_BL`` (LongTensor ``[B, >= prefix_len]``): positions ``< prefix_len`` are clamped to it
+        at every step (conditional generation) and never selected by correctors.
+        """
+        device = self._device(network, generator, prefix_BL)
+        prefix = self._check_prefix(prefix_BL, prefix_len, batch_size, seq_len, device)
+        noised = self.process.prior(batch_size, seq_len, generator, device)
+        run = SamplingRun(network=network, generator=generator, z_BL=noised.xt_BL.to(device),
+                          noise_BL=None if noised.noise_BL is None else noised.noise_BL.to(device),
+                          prefix_BL=prefix, prefix_len=prefix_len,
+                          trajectory=[] if self.cfg.record_trajectory else None)
+        self.clamp(run)
+        self.generate(run)
+        traj = tuple(run.trajectory) if run.trajectory is not None else None
+        return SampleOutput(tokens_BL=run.z_BL, nfe=run.nfe, noise_BL=run.noise_BL, trajectory=traj)
+
+    @abc.abstractmethod
+    def generate(self, run: SamplingRun) -> None:
+        """Run the time loop, updating ``run.z_BL`` (and ``run.noise_BL``) in place."""
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def time_grid(self, num_steps: int) -> list[float]:
+        """``[1, 1 - 1/n, ..., 0]`` (``n + 1`` floats, float64 arithmetic)."""
+        return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+
+    def alpha_B1(self, t: float, run: SamplingRun) -> torch.Tensor:
+        """``alpha_t`` of the schedule as float64 ``[B, 1]`` (exactly 1 at ``t = 0``)."""
+        B = run.z_BL.shape[0]
+        if t <= 0.0:
+            return torch.ones(B, 1, dtype=torch.float64, device=run.z_BL.device)
+        t_B = torch.full((B,), t, dtype=torch.float64, device=run.z_BL.device)
+        alpha_B, _ = self.schedule.alpha(t_B)
+        return torch.as_tensor(alpha_B, dtype=torch.float64, device=run.z_BL.device).reshape(B, 1)
+
+    def call_network(self, run: SamplingRun, t: float, sigma_B: torch.Tensor | None = None) -> torch.Tensor:
+        """One counted network evaluation at time ``t`` on the current state -> logits ``[B, L, V]``.
+
+        ``sigma_B`` defaults to ``schedule.sigma(t)``; samplers that warp time (ReMDM 'loop') pass
+        ``-log alpha`` of their own alpha. The network's time input is float32.
+        """
+        B = run.z_BL.shape[0]
+        if sigma_B is None:
+            t_B = torch.full((B,), t, dtype=torch.float64, device=run.z_BL.device)
+            sigma_B = self.schedule.sigma(t_B)
+        sigma_B = torch.as_tensor(sigma_B, device=run.z_BL.device).to(torch.float32).reshape(B)
+        run.nfe += 1
+        return run.network(run.z_BL, sigma_B, run.noise_BL)
+
+    def predict(self, run: SamplingRun, t: float, want: PredictionKind,
+                alpha_B1: torch.Tensor | None = None, sigma_B: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel's per-position prediction at ``t``: tempered, nucleus-truncated log-probs.
+
+        ``want`` = ``"denoiser"`` (``log D``) or ``"loo"`` (``log Lo``, uniform only). Temperature per
+        ``temperature_on`` (SPEC 5.2): 'logits' divides the raw logits before the parameterization's
+        conversion; 'loo'/'denoiser' temper that object, renormalise, and convert exactly to ``want``
+        with ``functional.loo_to_denoiser`` / ``denoiser_to_loo`` when it differs. Then top-p
+        (SPEC 5.3). Returns ``[B, L, V]`` float32 (float64 if the network returns float64).
+        """
+        alpha = self.alpha_B1(t, run) if alpha_B1 is None else alpha_B1
+        logits = self.call_network(run, t, sigma_B)
+        return self.prediction_from_logits(logits, run, alpha, want)
+
+    def prediction_from_logits(self, logits_BLV: torch.Tensor, run: SamplingRun,
+                               alpha_B1: torch.Tensor, want: PredictionKind) -> torch.Tensor:
+        """Tempered + nucleus prediction from given logits (see :meth:`predict`)."""
+        from udmtrain.diffusion import functional as F
+
+        logits = logits_BLV if logits_BLV.dtype == torch.float64 else logits_BLV.float()
+        alpha = alpha_B1.to(logits.dtype)
+        T, mode = float(self.cfg.temperature), self.temperature_on
+        if T == 1.0 or mode == "logits":
+            logp = self.posterior_logp(logits / T if T != 1.0 else logits, run, alpha, want)
+        else:
+            logp = cat.temper(self.posterior_logp(logits, run, alpha, mode), T)
+            if mode != want:  # exact Bayes conversion (SPEC 2) of the tempered object
+                convert = F.loo_to_denoiser if want == "denoiser" else F.denoiser_to_loo
+                logp = convert(logp, run.z_BL, alpha)
+        return cat.top_p_filter(logp, self.cfg.top_p)
+
+    def posterior_logp(self, logits_BLV: torch.Tensor, run: SamplingRun, alpha_B1: torch.Tensor,
+                       want: PredictionKind) -> torch.Tensor:
+        """Untempered ``log D`` or ``log Lo`` from the parameterization (whatever the net predicts)."""
+        if want == "loo":
+            if self.kind != "uniform":
+                raise ValueError(f"the LOO posterior exists only for the uniform process, not {self.kind!r}")
+            return self.param.loo_logp(logits_BLV, run.z_BL, alpha_B1, run.noise_BL)
+        return self.param.denoiser_logp(logits_BLV, run.z_BL, alpha_B1, run.noise_BL)
+
+    def clamp(self, run: SamplingRun) -> None:
+        """Write the prefix into the state. For AUDM the prefix's noise token is set to a different
+        token (``(x + 1) mod V``), which marks it certainly clean (SPEC 1.3), so an exact posterior
+        conditions on the prefix exactly; for the masked process clean tokens are frozen anyway;
+        for the uniform process clamping is the usual heuristic (the prefix is seen as a noisy draw)."""
+        p = run.prefix_len
+        if p == 0:
+            return
+        run.z_BL[:, :p] = run.prefix_BL[:, :p]
+        if run.noise_BL is not None:
+            run.noise_BL[:, :p] = (run.prefix_BL[:, :p] + 1) % self.vocab_size
+
+    def record(self, run: SamplingRun) -> None:
+        """Clamp the prefix and append the state to the trajectory (called after every step)."""
+        self.clamp(run)
+        if run.trajectory is not None:
+            run.trajectory.append(run.z_BL.detach().cpu().clone())
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _device(network: Any, generator: torch.Generator, prefix_BL: torch.Tensor | None) -> torch.device:
+        if prefix_BL is not None:
+            return prefix_BL.device
+        params = getattr(network, "parameters", None)
+        if callable(params):
+            for p in params():
+                return p.device
+        return generator.device
+
+    def _check_prefix(self, prefix_BL, prefix_len, batch_size, seq_len, device) -> torch.Tensor | None:
+        if not 0 <= prefix_len <= seq_len:
+            raise ValueError(f"prefix_len must be in [0, seq_len={seq_len}], got {prefix_len}")
+        if prefix_len == 0:
+            return None
+        if prefix_BL is None:
+            raise ValueError(f"prefix_len={prefix_len} but no prefix_BL was given")
+        if prefix_BL.dim() != 2 or prefix_BL.shape[0] != batch_size or prefix_BL.shape[1] < prefix_len:
+            raise ValueError(f"prefix_BL must be [batch_size={batch_size}, >= prefix_len={prefix_len}], "
+                             f"got {tuple(prefix_BL.shape)}")
+        prefix = prefix_BL.to(device=device, dtype=torch.long)
+        head = prefix[:, :prefix_len]
+        if bool((head < 0).any()) or bool((head >= self.vocab_size).any()):
+            raise ValueError(f"prefix tokens must be real tokens in [0, {self.vocab_size}), got range "
+                             f"[{int(head.min())}, {int(head.max())}]")
+        return prefix

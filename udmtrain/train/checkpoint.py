@@ -1,0 +1,324 @@
+"""Checkpoint directory contract, atomic saves, retention, resume discovery and compatibility checks.
+
+Layout (DESIGN C14)::
+
+    runs/<name>/checkpoints/
+      latest                      "step_0000001000\\n", replaced atomically after the rename
+      step_0000001000/
+        ds/                       DeepSpeed shards (engine.save_checkpoint, tag "ds"; every rank)
+        rank0_state.pt ...        each rank's TrainState (RNG + data cursor; EMA only in rank 0's)
+        recipe.yaml               the resolved recipe (yaml.safe_dump)
+        meta.json                 format_version, udmtrain version, git revision, world size, step, tokens
+
+Atomicity: everything is written into ``step_X.tmp-<pid of rank 0>``, fsynced, renamed to ``step_X``,
+and only then ``latest`` is replaced (write temp + ``os.replace``). A crash at any point leaves
+``latest`` naming the previous complete checkpoint; ``*.tmp-*`` directories are never resumed from and
+are deleted by the next Checkpointer on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+import yaml
+
+import udmtrain
+from udmtrain.engine import deepspeed_engine as dse
+from udmtrain.train.state import FORMAT_VERSION, TrainState
+from udmtrain.utils.dist import get_rank, get_world_size, print0
+from udmtrain.utils.rng import capture_rng_state, restore_rng_state
+
+_STEP_RE = re.compile(r"^step_(\d{10})$")
+LATEST = "latest"
+
+# Dotted recipe paths that change what the saved weights mean; a prefix ending in "." covers a section.
+ARCH_FIELDS = ("model.", "process.name", "parameterization.name", "data.tokenizer", "data.seq_len",
+               "data.vocab_size", "tokenizer.")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: incomplete, incompatible, or from another world size."""
+
+
+def step_dir_name(step: int) -> str:
+    """``step_<10-digit step>``, e.g. ``step_0000001000``."""
+    return f"step_{step:010d}"
+
+
+def is_complete(path: Path) -> bool:
+    """True for a renamed (non-tmp) step directory holding meta.json and the DeepSpeed shards."""
+    path = Path(path)
+    return bool(_STEP_RE.match(path.name)) and (path / "meta.json").is_file() and (path / dse.CHECKPOINT_TAG).is_dir()
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (data first, then the directory entries)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists (recursively) so ``yaml.safe_dump`` accepts the recipe dict."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def git_revision() -> str | None:
+    """``git rev-parse HEAD`` of the udmtrain source tree, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(udmtrain.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def _flatten(d: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], *, saved_world_size: int | None = None,
+                     world_size: int | None = None, where: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every architecture field that differs, or a world-size change.
+
+    Architecture fields (``ARCH_FIELDS``): ``model.*``, ``process.name``, ``parameterization.name``,
+    the tokenizer and ``data.seq_len``. Training knobs (``optim.lr``, ``train.max_steps``, ...) may
+    change on resume. Sequences compare as lists (YAML turns tuples into lists).
+    """
+    a, b = _flatten(_plain(saved)), _flatten(_plain(current))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in ARCH_FIELDS) and a.get(key) != b.get(key):
+            diffs.append(f"  {key}: saved {a.get(key)!r}, now {b.get(key)!r}")
+    if diffs:
+        raise CheckpointError(
+            f"{where} was trained with a different architecture:\n" + "\n".join(diffs)
+            + "\nResume with the saved recipe.yaml, or start fresh with checkpoint.resume=never."
+        )
+    if saved_world_size is not None and world_size is not None and saved_world_size != world_size:
+        raise CheckpointError(
+            f"{where} was saved with world size {saved_world_size}, this run has {world_size}. Each rank's "
+            "data cursor and RNG state are saved per rank, so an exact resume needs the same number of "
+            f"processes: launch with {saved_world_size} ranks (or start fresh with checkpoint.resume=never)."
+        )
+
+
+def find_resume(checkpoint_dir: str | os.PathLike, resume: str) -> Path | None:
+    """Resolve ``checkpoint.resume``: ``never`` -> None; ``auto`` -> the ``latest`` checkpoint (None
+    for a fresh run); a path -> that step directory (a run or checkpoints directory resolves through
+    its ``latest``). A path that is not a complete checkpoint raises CheckpointError.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        ckpt_dir = Path(checkpoint_dir)
+        latest = _read_latest(ckpt_dir)
+        if latest is not None and is_complete(latest):
+            return latest
+        complete = complete_checkpoints(ckpt_dir)
+        if complete:
+            print0(f"udmtrain: {ckpt_dir / LATEST} missing or stale; resuming from newest complete {complete[-1]}")
+            return complete[-1]
+        return None
+    path = Path(resume).expanduser()
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / LATEST).is_file():
+            latest = _read_latest(candidate)
+            if latest is not None and is_complete(latest):
+                return latest
+    if not is_complete(path):
+        what = "does not exist" if not path.exists() else "is not a complete udmtrain checkpoint (a step_XXXXXXXXXX " \
+            "directory with meta.json and ds/)"
+        raise CheckpointError(f"checkpoint.resume={resume!r}: {path} {what}")
+    return path
+
+
+def _read_latest(ckpt_dir: Path) -> Path | None:
+    try:
+        name = (ckpt_dir / LATEST).read_text().strip()
+    except OSError:
+        return None
+    return ckpt_dir / name if _STEP_RE.match(name) else None
+
+
+def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete step directories under ``ckpt_dir``, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if is_complete(p))
+
+
+class Checkpointer:
+    """Saves and restores ``runs/<name>/checkpoints/step_X/`` (see the module docstring).
+
+    All ranks call ``save``/``load`` (DeepSpeed's save and load are collective); rank 0 alone writes
+    the recipe, meta.json, renames and prunes.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, every: int, keep_last: int, resume: str = "auto") -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.every, self.keep_last, self.resume = int(every), int(keep_last), resume
+        if get_rank() == 0 and self.dir.is_dir():
+            for stale in self.dir.glob("step_*.tmp-*"):  # left by a crash mid-save; never complete
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def should_save(self, step: int, last: bool = False) -> bool:
+        """True every ``every`` steps (``every <= 0`` disables cadence saves) and at the last step."""
+        return step > 0 and (last or (self.every > 0 and step % self.every == 0))
+
+    def find_resume(self) -> Path | None:
+        """The step directory to resume from according to ``resume`` (see ``find_resume``)."""
+        return find_resume(self.dir, self.resume)
+
+    def save(self, engine, step: int, train_state: TrainState, recipe_dict: Mapping[str, Any],
+             meta: Mapping[str, Any] | None = None) -> Path:
+        """Collective atomic save of engine + per-rank train state; returns the step directory."""
+        rank, world = get_rank(), get_world_size()
+        name = step_dir_name(step)
+        final = self.dir / name
+        tmp = self.dir / f"{name}.tmp-{_rank0_pid()}"
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dse.barrier()
+        ok, error = True, None
+        try:
+            train_state.rng = capture_rng_state()
+            dse.save(engine, tmp, client_state={"step": step, "format_version": FORMAT_VERSION})
+            state = train_state.state_dict()
+            state["has_ema"] = state["ema"] is not None
+            if rank != 0:
+                state["ema"] = None  # identical on every rank: stored once, in rank 0's file
+            torch.save(state, tmp / f"rank{rank}_state.pt")
+        except BaseException as err:  # noqa: BLE001 - re-raised after the ranks agree
+            ok, error = False, err
+        if _all_ok(ok) and rank == 0:
+            try:
+                self._finalize(tmp, final, step, train_state, recipe_dict, meta or {}, world)
+            except BaseException as err:  # noqa: BLE001
+                ok, error = False, err
+        if not _all_ok(ok):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None:
+                raise error
+            raise CheckpointError(f"saving {final} failed on another rank")
+        return final
+
+    def _finalize(self, tmp: Path, final: Path, step: int, train_state: TrainState,
+                  recipe_dict: Mapping[str, Any], meta: Mapping[str, Any], world: int) -> None:
+        """Rank 0: recipe + meta, fsync, rename to ``final``, then replace ``latest``, then prune."""
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(_plain(recipe_dict), sort_keys=False))
+        _write_meta(tmp, {
+            "format_version": FORMAT_VERSION, "udmtrain_version": udmtrain.__version__,
+            "git_revision": git_revision(), "world_size": world, "step": step,
+            "tokens_seen": train_state.tokens_seen, **dict(meta),
+        })
+        _fsync_tree(tmp)
+        trash = None
+        if final.exists():  # same step saved again (e.g. cadence save then exit save): replace it
+            trash = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.rename(final, trash)
+        os.rename(tmp, final)
+        _fsync_dir(self.dir)
+        latest_tmp = self.dir / f"{LATEST}.tmp-{os.getpid()}"
+        with open(latest_tmp, "w") as f:
+            f.write(final.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, self.dir / LATEST)
+        _fsync_dir(self.dir)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        self.prune()
+
+    def prune(self) -> list[Path]:
+        """Delete complete checkpoints older than the newest ``keep_last`` (never ``latest``'s)."""
+        if self.keep_last <= 0:
+            return []
+        latest = _read_latest(self.dir)
+        complete = complete_checkpoints(self.dir)
+        doomed = [p for p in complete[: -self.keep_last] if p != latest]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+        return doomed
+
+    def load(self, engine, step_dir: str | os.PathLike, train_state: TrainState,
+             recipe_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Collective: check compatibility, restore the engine, this rank's TrainState and its RNGs.
+
+        Returns meta.json. The RNG snapshot is restored last, so the caller must draw nothing random
+        between ``load`` and the first training step for a bit-exact continuation.
+        """
+        step_dir = Path(step_dir)
+        meta = json.loads((step_dir / "meta.json").read_text())
+        saved_recipe = yaml.safe_load((step_dir / "recipe.yaml").read_text()) if recipe_dict is not None else None
+        check_compatible(saved_recipe or {}, recipe_dict or {}, saved_world_size=meta["world_size"],
+                         world_size=get_world_size(), where=str(step_dir))
+        dse.load(engine, step_dir)
+        rank = get_rank()
+        state = torch.load(step_dir / f"rank{rank}_state.pt", map_location="cpu", weights_only=False)
+        if state.pop("has_ema", False) and rank != 0:
+            state["ema"] = torch.load(step_dir / "rank0_state.pt", map_location="cpu", weights_only=False)["ema"]
+        train_state.load_state_dict(state)
+        if train_state.rng is not None:
+            restore_rng_state(train_state.rng)
+        return meta
+
+
+def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
+    """meta.json; written last before the rename, so its presence marks a finished write."""
+    (directory / "meta.json").write_text(json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
+
+
+def _rank0_pid() -> int:
+    """Rank 0's pid on every rank (names the shared tmp directory)."""
+    pid = [os.getpid()]
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.broadcast_object_list(pid, src=0)
+    return int(pid[0])
+
+
+def _all_ok(ok: bool) -> bool:
+    """Logical AND of ``ok`` over ranks (an all-reduce MIN), so no rank waits on a failed one."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(ok)], device=device)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+    return bool(flag.item())

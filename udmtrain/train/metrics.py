@@ -1,0 +1,179 @@
+"""Metrics: ``metrics.jsonl`` + TensorBoard on rank 0, a console progress line, step timing, MFU.
+
+Machine-readable first (DESIGN C19): each logged step is one JSON object per line in
+``run_dir/metrics.jsonl``, flushed immediately so a crash loses at most the line being written.
+Other ranks get a null logger (``log`` does nothing), so the trainer calls it unconditionally.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+# Dense peak FLOP/s per GPU by (name substring, dtype); vendor datasheets, without sparsity.
+_GPU_PEAK: tuple[tuple[str, torch.dtype, float], ...] = (
+    ("H200", torch.bfloat16, 989e12), ("H200", torch.float16, 989e12), ("H200", torch.float32, 494.5e12),
+    ("H100", torch.bfloat16, 989e12), ("H100", torch.float16, 989e12), ("H100", torch.float32, 494.5e12),
+    ("A100", torch.bfloat16, 312e12), ("A100", torch.float16, 312e12), ("A100", torch.float32, 156e12),
+)
+"""fp32 rows are the TF32 tensor-core peak (what matmuls reach with TF32 allowed)."""
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation ``flops_per_token * tokens_per_s / peak_flops``.
+
+    ``flops_per_token`` is the training cost (forward + backward, ~6N + attention, as returned by
+    the model's ``num_flops_per_token``); ``tokens_per_s`` and ``peak_flops`` per device.
+    """
+    return flops_per_token * tokens_per_s / peak_flops
+
+
+@functools.lru_cache(maxsize=None)
+def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                       size: int = 1024, repeats: int = 5) -> float:
+    """Peak matmul FLOP/s of ``device`` in ``dtype`` (cached per process).
+
+    CUDA devices found in the datasheet table return its dense peak; anything else is measured with
+    a ``size^3`` matmul probe: ``2 size^3 / best time`` over ``repeats`` runs after one warm-up.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, dt, peak in _GPU_PEAK:
+            if key in name and dt == dtype:
+                return peak
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = math.inf
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i:  # the first run is a warm-up (allocation, kernel selection)
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Splits step time into named sections: ``with timer("forward"): ...``; ``timer.split()``.
+
+    ``sync=True`` synchronises CUDA at section boundaries, so asynchronous kernels are charged to
+    the section that launched them (costs a little throughput; off by default).
+    """
+
+    SECTIONS = ("data", "forward", "backward", "optimizer")
+
+    def __init__(self, sync: bool = False) -> None:
+        self.sync = sync and torch.cuda.is_available()
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def split(self, reset: bool = True) -> dict[str, float]:
+        """``{"time/<section>": seconds, "time/step": total}`` accumulated since the last reset."""
+        out = {f"time/{k}": v for k, v in self.totals.items()}
+        out["time/step"] = sum(self.totals.values())
+        if reset:
+            self.totals = {}
+        return out
+
+
+class MetricLogger:
+    """Rank-0 metrics sink: ``metrics.jsonl`` (always), TensorBoard scalars, a console line.
+
+    ``log(step, {"loss": 2.3, "lr": 1e-4, ...})`` writes one JSON line ``{"step": s, ...}`` and one
+    TensorBoard scalar per key; non-finite values are written to JSONL as null (valid JSON).
+    """
+
+    def __init__(self, run_dir: str | Path, rank: int, log_every: int = 1, max_steps: int | None = None,
+                 tensorboard: bool = True, console: TextIO | None = sys.stdout) -> None:
+        self.run_dir, self.rank = Path(run_dir), rank
+        self.log_every, self.max_steps = max(1, int(log_every)), max_steps
+        self.active = rank == 0
+        self._jsonl = self._tb = None
+        self._console = console if self.active else None
+        self._t0: float | None = None
+        self._s0 = 0
+        if self.active:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def should_log(self, step: int) -> bool:
+        """True every ``log_every`` steps, at step 1 and at ``max_steps``."""
+        return step == 1 or step % self.log_every == 0 or (self.max_steps is not None and step == self.max_steps)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Write ``metrics`` for ``step`` to every backend (rank 0 only)."""
+        if not self.active:
+            return
+        record = {"step": int(step), "time": time.time()}
+        for k, v in metrics.items():
+            v = float(v.item() if isinstance(v, torch.Tensor) else v)
+            record[k] = v if math.isfinite(v) else None
+            if self._tb is not None:
+                self._tb.add_scalar(k, v, global_step=int(step))
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        if self._console is not None:
+            print(self.progress_line(step, metrics), file=self._console, flush=True)
+
+    def progress_line(self, step: int, metrics: Mapping[str, Any]) -> str:
+        """``step 120/1000 (12.0%) | loss 2.3100 | lr 3.00e-04 | 1.2 s/it | eta 0:17:36``."""
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0, self._s0 = now, step
+        parts = [f"step {step}" + (f"/{self.max_steps} ({100 * step / self.max_steps:.1f}%)" if self.max_steps else "")]
+        for k, v in metrics.items():
+            v = float(v)
+            parts.append(f"{k} {v:.2e}" if (v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5)) else f"{k} {v:.4f}")
+        if step > self._s0:
+            sec_per_step = (now - self._t0) / (step - self._s0)
+            parts.append(f"{sec_per_step:.3g} s/it")
+            if self.max_steps:
+                parts.append(f"eta {_hms(sec_per_step * max(0, self.max_steps - step))}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        """Flush and close the files (idempotent)."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

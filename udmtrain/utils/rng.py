@@ -1,0 +1,44 @@
+"""Capture and restore every global RNG a training step may touch (per rank).
+
+Python ``random``, NumPy's legacy global generator (if NumPy is installed), torch's CPU generator and,
+when CUDA is initialised, every CUDA device's generator. Restoring a captured state makes the next
+draws bit-identical, which is what an exact resume needs for dropout and any unseeded sampling.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+try:  # numpy is a dependency of deepspeed/webdataset, but the RNG helper does not require it
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """A picklable snapshot ``{"python", "numpy", "torch", "cuda"}`` of this process's RNGs."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state() if np is not None else None,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``; a missing entry (e.g. CUDA in a CPU checkpoint) is skipped."""
+    random.setstate(_as_python_state(state["python"]))
+    if np is not None and state.get("numpy") is not None:
+        np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_python_state(state: Any) -> tuple:
+    # random.setstate needs tuples; a JSON/YAML round trip would have produced lists.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
