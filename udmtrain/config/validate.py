@@ -1,7 +1,8 @@
 """Typed validation of a loaded recipe tree -> ``RunConfig``; every problem is collected, none raised early.
 
 Values are converted by ``coerce.coerce`` (rules in ``coerce.COERCION_RULES``); unknown keys get
-did-you-mean suggestions (keys at that level first, then every leaf path). Component sections are checked against the registered class's ``Config`` and its ``requires`` table.
+did-you-mean suggestions (keys at that level first, then every leaf path). Component sections are
+checked against the registered class's ``Config`` and its ``requires`` table.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class SelfAttention(nn.Module):
         B, L, _ = x_BLD.shape
         q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD).view(B, L, 3, self.num_heads, self.head_dim).unbind(dim=2)
         cos_LK, sin_LK = self.rotary.cos_sin(L, x_BLD.device)
-        q_BLHK, k_BLHK = Rotary.apply(q_BLHK, cos_LK, sin_LK), Rotary.apply(k_BLHK, cos_LK, sin_LK)
+        q_BLHK, k_BLHK = Rotary.rotate(q_BLHK, cos_LK, sin_LK), Rotary.rotate(k_BLHK, cos_LK, sin_LK)
         backend = self.backend_for(x_BLD.device)
         out_BLHK = attention(q_BLHK, k_BLHK, v_BLHK, backend=backend, causal=self.causal, doc_ids_BL=doc_ids_BL)
         return self.out(out_BLHK.reshape(B, L, -1))

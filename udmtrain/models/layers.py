@@ -154,7 +154,7 @@ class Rotary(nn.Module):
         return self._cache[2][:seq_len], self._cache[3][:seq_len]
 
     @staticmethod
-    def apply(x_BLHK: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor) -> torch.Tensor:
+    def rotate(x_BLHK: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor) -> torch.Tensor:
         """Rotate ``x_BLHK`` by position (fp32 math, result in ``x``'s dtype)."""
         with _no_autocast(x_BLHK.device):
             x = x_BLHK.float()

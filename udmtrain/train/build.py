@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -112,13 +113,14 @@ def make_skippable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     inner_step = optimizer.step
     optimizer.skip_next = False
 
-    def step(*args: Any, **kwargs: Any) -> Any:
-        if optimizer.skip_next:
-            optimizer.skip_next = False
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if self.skip_next:
+            self.skip_next = False
             return None
         return inner_step(*args, **kwargs)
 
-    optimizer.step = step
+    # A bound method, as torch's LR schedulers expect (they wrap ``optimizer.step.__func__``).
+    optimizer.step = types.MethodType(step, optimizer)
     return optimizer
 
 

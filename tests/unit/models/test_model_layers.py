@@ -86,11 +86,11 @@ def test_rotary_matches_definition_and_is_fp32():
     x = torch.randn(2, 6, 3, 8)
     cos, sin = rot.cos_sin(6, x.device)
     assert cos.dtype == torch.float32 and cos.shape == (6, 8)
-    torch.testing.assert_close(Rotary.apply(x, cos, sin).double(), _rotary_reference(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(Rotary.rotate(x, cos, sin).double(), _rotary_reference(x), atol=1e-5, rtol=1e-5)
     # bf16 input: math in fp32, result rounded once to bf16 (not accumulated bf16 error)
     xb = x.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        yb = Rotary.apply(xb, cos, sin)
+        yb = Rotary.rotate(xb, cos, sin)
     assert yb.dtype == torch.bfloat16
     assert torch.equal(yb, _rotary_reference(xb.float()).to(torch.bfloat16))
 
@@ -101,7 +101,7 @@ def test_rotary_scores_depend_only_on_relative_position():
     q, k = torch.randn(4), torch.randn(4)
     seq_q = q.expand(1, 10, 1, 4).contiguous()
     seq_k = k.expand(1, 10, 1, 4).contiguous()
-    rq, rk = Rotary.apply(seq_q, cos, sin)[0, :, 0], Rotary.apply(seq_k, cos, sin)[0, :, 0]
+    rq, rk = Rotary.rotate(seq_q, cos, sin)[0, :, 0], Rotary.rotate(seq_k, cos, sin)[0, :, 0]
     torch.testing.assert_close(rq[5] @ rk[2], rq[8] @ rk[5], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(rq[5] @ rk[2], rq[5] @ rk[4], atol=1e-3)
 

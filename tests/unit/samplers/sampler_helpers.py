@@ -14,6 +14,8 @@ import enum_oracle as eo  # noqa: E402
 
 from udmtrain.registry import PARAMETERIZATION, PROCESS, SAMPLER, SCHEDULE  # noqa: E402
 
+torch.set_num_threads(1)  # tiny tensors: threads only add contention on shared CPUs
+
 V, L = 3, 3
 ORACLE_KIND = {"masked": "masked", "absorbing_uniform": "audm"}
 
