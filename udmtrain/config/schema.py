@@ -125,6 +125,10 @@ class DataSection:
     """DataLoader worker processes per rank."""
     on_corrupt: Literal["fail", "skip"] = "fail"
     """What to do with an unreadable sample: stop with an error naming it, or skip and count it."""
+    shuffle: bool = True
+    """Shuffle shard order and samples (seeded by run.seed, epoch, rank, worker); false streams in order."""
+    manifest: str | None = None
+    """Local path of the shards' manifest.json; needed when the shards are remote URLs (pipe:, http:)."""
 
 
 PLAIN_SECTIONS: dict[str, type] = {

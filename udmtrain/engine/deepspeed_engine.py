@@ -260,3 +260,31 @@ def teardown() -> None:
         with contextlib.suppress(Exception):
             tdist.barrier()
         tdist.destroy_process_group()
+
+
+def load_fp32_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU weights of the model saved under ``step_dir/<CHECKPOINT_TAG>/`` (no engine needed).
+
+    ZeRO 1-3 and bf16/fp16 checkpoints store the fp32 master weights in per-rank optimizer shards;
+    DeepSpeed's ``zero_to_fp32`` merges them (any saved world size). A stage-0 fp32 checkpoint has no
+    such shards and its module weights are already full fp32: they are read from the model-states file.
+    Returns ``{name: fp32 tensor}`` with the module's own parameter (and buffer) names.
+    """
+    import glob
+    import sys
+
+    tag_dir = os.path.join(os.fspath(step_dir), CHECKPOINT_TAG)
+    if not os.path.isdir(tag_dir):
+        raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {step_dir}")
+    if glob.glob(os.path.join(tag_dir, "*_optim_states.pt")):
+        _ds()
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for tool output
+            state = get_fp32_state_dict_from_zero_checkpoint(os.fspath(step_dir), tag=CHECKPOINT_TAG)
+    else:
+        files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
+        if not files:
+            raise FileNotFoundError(f"{tag_dir} holds neither ZeRO optimizer shards nor a model-states file")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().float().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -318,7 +318,8 @@ def build_trainer(cfg: Any) -> Run:
     rank, world, device = dse.init_distributed()
     manifest = check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
     torch.manual_seed(cfg.run.seed)
-    components = build_components(cfg, resolve_vocab_size(cfg, manifest), with_sampler=False)
+    vocab_size = resolve_vocab_size(cfg, manifest)
+    components = build_components(cfg, vocab_size, with_sampler=False)
     run_dir = run_dir_for(cfg)
     recipe_dict = cfg.to_dict()
     created: list[torch.optim.Optimizer] = []
@@ -364,7 +365,7 @@ def build_trainer(cfg: Any) -> Run:
     def save(step: int) -> None:
         state.data_cursor = train_loader.state_dict()
         state.ema = ema.state_dict() if ema is not None else None
-        checkpointer.save(engine, step, state, recipe_dict, {"run_name": cfg.run.name})
+        checkpointer.save(engine, step, state, recipe_dict, {"run_name": cfg.run.name, "vocab_size": vocab_size})
 
     signals = GracefulExit().__enter__()
     trainer = Trainer(

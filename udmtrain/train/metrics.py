@@ -103,6 +103,13 @@ class StepTimer:
         return out
 
 
+CONSOLE_KEYS = {
+    "train/loss": "loss", "train/nll": "nll", "train/grad_norm": "gnorm", "train/lr": "lr",
+    "perf/tokens_per_s": "tok/s", "perf/mfu": "mfu", "val/nll": "val_nll", "val/ppl": "val_ppl",
+}
+"""Metrics shown (under these short names) on the console line; every metric still goes to the files."""
+
+
 class MetricLogger:
     """Rank-0 metrics sink: ``metrics.jsonl`` (always), TensorBoard scalars, a console line.
 
@@ -154,8 +161,10 @@ class MetricLogger:
         if self._t0 is None:
             self._t0, self._s0 = now, step
         parts = [f"step {step}" + (f"/{self.max_steps} ({100 * step / self.max_steps:.1f}%)" if self.max_steps else "")]
-        for k, v in metrics.items():
+        shown = {k: v for k, v in metrics.items() if k in CONSOLE_KEYS} or metrics
+        for k, v in shown.items():
             v = float(v)
+            k = CONSOLE_KEYS.get(k, k)
             parts.append(f"{k} {v:.2e}" if (v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5)) else f"{k} {v:.4f}")
         if step > self._s0:
             sec_per_step = (now - self._t0) / (step - self._s0)

@@ -1,0 +1,218 @@
+"""Load a trained udmtrain checkpoint for sampling and evaluation (no engine, no optimizer state).
+
+    loaded = load_for_inference("runs/quickstart-audm", overrides=["sampler.num_steps=32"])
+    loaded.model            # eval mode, EMA weights (use_ema=False: the raw fp32 weights)
+    loaded.components       # process / schedule / parameterization / loss / sampler / objective
+    judge = judge_from_spec("runs/quickstart-ar")   # a udmtrain AR run as an offline gen-PPL judge
+
+A checkpoint is ``runs/<name>/checkpoints/step_<010d>/`` (see ``udmtrain.train.checkpoint``); a run
+directory or its ``checkpoints/`` directory resolves through ``latest``. The recipe is the one saved
+beside the weights (``recipe.yaml``), with optional dotted overrides (e.g. ``sampler.*`` or
+``data.valid_shards``) validated by the recipe system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from udmtrain.train.build import Components, NetworkCall, build_components
+from udmtrain.train.checkpoint import LATEST, is_complete
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """A ``--ckpt`` path that is not a run, checkpoints or complete step directory."""
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The step directory named by ``path``.
+
+    ``path`` may be a complete ``step_XXXXXXXXXX`` directory (returned as is), a run directory or its
+    ``checkpoints/`` directory (resolved through ``latest``, falling back to the newest complete step
+    when ``latest`` is missing). Anything else raises ``CheckpointNotFound`` naming the path.
+    """
+    from udmtrain.train.checkpoint import complete_checkpoints
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointNotFound(f"checkpoint {os.fspath(path)!r} does not exist")
+    if is_complete(p):
+        return p
+    for ckpt_dir in (p, p / "checkpoints"):
+        latest = ckpt_dir / LATEST
+        if latest.is_file():
+            candidate = ckpt_dir / latest.read_text().strip()
+            if is_complete(candidate):
+                return candidate
+        complete = complete_checkpoints(ckpt_dir)
+        if complete:
+            return complete[-1]
+    raise CheckpointNotFound(
+        f"checkpoint {os.fspath(path)!r} is not a udmtrain run directory, checkpoints directory or complete "
+        "step_XXXXXXXXXX directory (with meta.json and ds/)")
+
+
+@dataclass
+class Loaded:
+    """A checkpoint ready for inference."""
+
+    cfg: Any
+    """The saved ``RunConfig`` with the caller's overrides applied."""
+    components: Components
+    """Built from ``cfg``; ``components.model`` is ``model``."""
+    model: torch.nn.Module
+    """The network, in eval mode, on ``device``, with EMA (or raw) fp32 weights."""
+    tokenizer: Any
+    """``udmtrain.data.tokenizers.Tokenizer`` of the run."""
+    step_dir: Path
+    """The resolved step directory."""
+    meta: dict
+    """meta.json (step, tokens_seen, world_size, vocab_size, ...)."""
+    use_ema: bool = True
+    """Whether ``model`` holds the EMA weights."""
+    device: torch.device = torch.device("cpu")
+    """Where ``model`` lives."""
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", -1))
+
+    def network(self) -> NetworkCall:
+        """The model under the recipe's autocast (``(xt_BL, sigma_B, noise_BL) -> logits`` or ``x -> logits``)."""
+        return NetworkCall(self.model, self.cfg.engine.precision, self.device, self.components.is_diffusion)
+
+    def protocol(self) -> dict:
+        """JSON-able identity of the weights (recorded by every tool)."""
+        return {"checkpoint": os.fspath(self.step_dir), "step": self.step, "ema": self.use_ema,
+                "run_name": self.meta.get("run_name"), "precision": self.cfg.engine.precision,
+                "vocab_size": int(self.meta.get("vocab_size", 0)) or None}
+
+
+def load_ema_shadow(step_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The EMA shadow ``{name: fp32 tensor}`` stored in ``rank0_state.pt``, or None without EMA."""
+    state = torch.load(Path(step_dir) / "rank0_state.pt", map_location="cpu", weights_only=False)
+    ema = state.get("ema")
+    return None if ema is None else dict(ema["shadow"])
+
+
+def load_for_inference(ckpt: str | os.PathLike, overrides: Sequence[str] = (), use_ema: bool = True,
+                       device: str | torch.device = "cpu") -> Loaded:
+    """Resolve ``ckpt``, rebuild the run's components from its recipe and load the weights.
+
+    Weights: the EMA shadow of rank 0's TrainState when ``use_ema`` (an error if the run kept no EMA),
+    else the full fp32 weights merged from the DeepSpeed shards (``load_fp32_state_dict``: any ZeRO
+    stage, fp32 or bf16). The vocabulary size is the one the run trained with (meta.json), checked
+    against the tokenizer's. ``ConfigError`` for bad overrides; ``CheckpointNotFound`` for bad paths.
+    """
+    from udmtrain.config import load_recipe
+    from udmtrain.data.tokenizers import load_tokenizer
+    from udmtrain.engine.deepspeed_engine import load_fp32_state_dict
+
+    step_dir = resolve_checkpoint(ckpt)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    recipe = step_dir / "recipe.yaml"
+    if not recipe.is_file():
+        raise CheckpointNotFound(f"{step_dir} has no recipe.yaml; it was not written by udmtrain's Checkpointer")
+    cfg = load_recipe(os.fspath(recipe), list(overrides))
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    vocab_size = int(meta.get("vocab_size") or tokenizer.vocab_size)
+    if int(tokenizer.vocab_size) != vocab_size:
+        raise ValueError(f"{step_dir} was trained with V={vocab_size} but the tokenizer {tokenizer.spec()!r} has "
+                         f"V={tokenizer.vocab_size}; point tokenizer.path at the run's tokenizer")
+    components = build_components(cfg, vocab_size)
+    model = components.model
+    if use_ema:
+        shadow = load_ema_shadow(step_dir)
+        if shadow is None:
+            raise ValueError(f"{step_dir} holds no EMA weights (train.ema_decay was 0); use --no-ema "
+                             "(use_ema=False) to load the raw weights")
+        wanted = set(model.state_dict())
+        state = dict(shadow)
+        if not wanted <= set(state):  # buffers are not averaged: take them from the raw weights
+            raw = load_fp32_state_dict(step_dir)
+            state.update({k: v for k, v in raw.items() if k not in state})
+    else:
+        state = load_fp32_state_dict(step_dir)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{step_dir}: weights do not match the recipe's model (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+    device = torch.device(device)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Loaded(cfg=cfg, components=components, model=model, tokenizer=tokenizer, step_dir=step_dir,
+                  meta=meta, use_ema=use_ema, device=device)
+
+
+class ARJudge:
+    """A udmtrain AR checkpoint as a ``udmtrain.eval.gen_ppl.Judge`` (an offline judge).
+
+    ``tokenize``: the AR run's tokenizer with BOS prepended (as in its training data);
+    ``nll``: ``-log p(s_{j+1} | s_{<=j})`` from the AR model, float64 ``[B, Lmax - 1]`` on right-padded
+    batches (causal attention: padding after a sequence never changes its scores).
+    """
+
+    def __init__(self, loaded: Loaded) -> None:
+        if loaded.components.is_diffusion:
+            raise ValueError(f"judge checkpoint {loaded.step_dir} is a diffusion model; a judge must be an "
+                             "autoregressive run (model ar_transformer)")
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.eos_id = int(self.tokenizer.eos_id)
+        self.bos_id = int(self.tokenizer.bos_id)
+        self.pad_id = int(self.tokenizer.pad_id)
+        self.max_len = int(loaded.cfg.data.seq_len)
+        self.network = loaded.network()
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[BOS] + encode(text)`` for each text (no truncation)."""
+        return [[self.bos_id] + list(ids) for ids in self.tokenizer.encode_batch(list(texts))]
+
+    @torch.no_grad()
+    def nll(self, token_batch: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Next-token NLL ``[B, Lmax - 1]`` float64: entry (b, j) = ``-log p(s_b[j+1] | s_b[:j+1])``."""
+        L = max([len(ids) for ids in token_batch] + [1])
+        x_BL = torch.full((len(token_batch), L), self.pad_id, dtype=torch.long)
+        for b, ids in enumerate(token_batch):
+            x_BL[b, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        if L < 2:
+            return torch.zeros(len(token_batch), 0, dtype=torch.float64)
+        x_BL = x_BL.to(self.loaded.device)
+        logp_BLV = torch.log_softmax(self.network(x_BL)[:, :-1].float(), dim=-1)
+        return -logp_BLV.gather(-1, x_BL[:, 1:, None]).squeeze(-1).double().cpu()
+
+    def identity(self) -> dict:
+        p = next(self.loaded.model.parameters())
+        return {"kind": "udmtrain_ar", "name_or_path": os.fspath(self.loaded.step_dir), **self.loaded.protocol(),
+                "class": type(self.loaded.model).__name__, "dtype": str(p.dtype).replace("torch.", ""),
+                "device": str(p.device), "num_parameters": sum(q.numel() for q in self.loaded.model.parameters()),
+                "tokenizer": self.tokenizer.identity(), "eos_id": self.eos_id, "bos_id": self.bos_id,
+                "max_len": self.max_len}
+
+
+def is_udmtrain_checkpoint(spec: Any) -> bool:
+    """True when ``spec`` is a path that ``resolve_checkpoint`` accepts."""
+    if not isinstance(spec, (str, os.PathLike)) or not os.path.isdir(spec):
+        return False
+    try:
+        resolve_checkpoint(spec)
+    except CheckpointNotFound:
+        return False
+    return True
+
+
+def judge_from_spec(spec: Any, device: str | torch.device = "cpu", use_ema: bool = True, **judge_kwargs: Any):
+    """``ARJudge`` for a udmtrain AR run/step directory; otherwise ``udmtrain.eval.gen_ppl.load_judge``
+    (a Hugging Face hub id, a local Hugging Face directory, or a ``Judge`` object)."""
+    if is_udmtrain_checkpoint(spec):
+        return ARJudge(load_for_inference(spec, use_ema=use_ema, device=device))
+    from udmtrain.eval.gen_ppl import load_judge
+
+    return load_judge(spec, device=device, **judge_kwargs)
