@@ -36,18 +36,52 @@ def main(argv: list[str]) -> int:
         return 0
     from udmtrain.data.errors import DataError
     from udmtrain.train.build import build_trainer
+    from udmtrain.train.checkpoint import CheckpointError
 
+    problem = _check_data(cfg)  # before any process group or JIT build: a missing corpus fails in seconds
+    if problem is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"udmtrain: {problem}", file=sys.stderr)
+        return 2
     try:
         run = build_trainer(cfg)
-    except DataError as err:
+    except (DataError, CheckpointError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"udmtrain: {err}", file=sys.stderr)
+        from udmtrain.engine.deepspeed_engine import teardown
+
+        teardown()
         return 2
     try:
         reason = run.trainer.train()
     finally:
         run.close()
     return 3 if reason == "nonfinite" else 0
+
+
+def _check_data(cfg) -> str | None:
+    """The recipe's shards checked against their manifest; on a problem, the error plus the
+    ``prepare_data`` command that builds shards matching this recipe."""
+    from udmtrain.data.errors import DataError
+    from udmtrain.data.manifest import check_manifest
+
+    try:
+        check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
+    except DataError as err:
+        return f"{err}\nBuild shards for this recipe with:\n  {_prepare_command(cfg)}"
+    return None
+
+
+def _prepare_command(cfg) -> str:
+    """``python tools/prepare_data.py ...`` writing the recipe's ``data.train_shards`` directory with
+    its tokenizer and ``data.seq_len``; an ``owt``/``openwebtext`` directory gets the hub source."""
+    pattern = str(cfg.data.train_shards)
+    out = pattern if os.path.isdir(pattern) or not pattern.endswith(".tar") else (os.path.dirname(pattern) or ".")
+    tok_cfg = cfg.tokenizer.cfg
+    tokenizer = getattr(tok_cfg, "path", None) or cfg.tokenizer.name
+    name = os.path.basename(os.path.normpath(out)).lower()
+    source = "--source hf --hf-name openwebtext" if name in ("owt", "openwebtext") else "--source files --input CORPUS"
+    return f"python tools/prepare_data.py {source} --tokenizer {tokenizer} --seq-len {cfg.data.seq_len} --out {out}"
 
 
 def _parameter_line(cfg) -> str:

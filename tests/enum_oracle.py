@@ -165,7 +165,7 @@ class ExactNetwork:
         self.calls += 1
         if xt_BL.shape[-1] != self.L:
             raise ValueError(f"oracle built for L={self.L}, got xt of length {xt_BL.shape[-1]}")
-        alpha_B = torch.exp(-torch.as_tensor(sigma_B, dtype=DTYPE).reshape(-1)).expand(xt_BL.shape[0])
+        alpha_B = torch.exp(-torch.as_tensor(sigma_B).to("cpu", DTYPE).reshape(-1)).expand(xt_BL.shape[0])
         xt = xt_BL.cpu().long()
         if self.kind == "denoiser":
             out = exact_denoiser(self.law, self.V, self.L, xt, alpha_B)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import types
 from dataclasses import dataclass
@@ -57,11 +58,22 @@ def build_components(cfg: Any, vocab_size: int, *, with_sampler: bool = True) ->
                         uses_noise_tokens=process.uses_noise_tokens)
     sampler = None
     if with_sampler and cfg.sampler is not None:
-        sampler = SAMPLER.build(cfg.sampler.name, cfg.sampler.cfg, schedule=schedule, process=process,
-                                parameterization=param)
+        sampler = build_sampler(cfg.sampler.name, cfg.sampler.cfg, cfg.model.cfg, schedule, process, param)
     objective = DiffusionObjective(schedule, process, param, loss)
     return Components(model=model, objective=objective, process=process, schedule=schedule,
                       parameterization=param, loss=loss, sampler=sampler)
+
+
+def build_sampler(name: str, sampler_cfg: Any, model_cfg: Any, schedule: Any, process: Any, param: Any) -> Any:
+    """The sampler ``name``; its ``time_conditioned`` flag follows the model's ``time_conditioning``.
+
+    The masked sampler's prediction cache is exact only for a network that ignores time (SPEC
+    10.17), so a time-conditioned network silently using it would be wrong: the flag is taken
+    from the model rather than trusted from a second, separately edited field.
+    """
+    if hasattr(sampler_cfg, "time_conditioned") and hasattr(model_cfg, "time_conditioning"):
+        sampler_cfg = dataclasses.replace(sampler_cfg, time_conditioned=bool(model_cfg.time_conditioning))
+    return SAMPLER.build(name, sampler_cfg, schedule=schedule, process=process, parameterization=param)
 
 
 def autocast_context(precision: str, device: torch.device):

@@ -30,6 +30,10 @@ class CheckpointNotFound(FileNotFoundError):
     """A ``--ckpt`` path that is not a run, checkpoints or complete step directory."""
 
 
+class InferenceError(ValueError):
+    """A checkpoint that cannot serve the request (no EMA, wrong process, wrong model kind, ...)."""
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The step directory named by ``path``.
 
@@ -74,6 +78,8 @@ class Loaded:
     """The resolved step directory."""
     meta: dict
     """meta.json (step, tokens_seen, world_size, vocab_size, ...)."""
+    vocab_size: int = 0
+    """V the network was trained with (meta.json's, else the tokenizer's)."""
     use_ema: bool = True
     """Whether ``model`` holds the EMA weights."""
     device: torch.device = torch.device("cpu")
@@ -91,7 +97,7 @@ class Loaded:
         """JSON-able identity of the weights (recorded by every tool)."""
         return {"checkpoint": os.fspath(self.step_dir), "step": self.step, "ema": self.use_ema,
                 "run_name": self.meta.get("run_name"), "precision": self.cfg.engine.precision,
-                "vocab_size": int(self.meta.get("vocab_size", 0)) or None}
+                "vocab_size": self.vocab_size}
 
 
 def load_ema_shadow(step_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
@@ -123,14 +129,17 @@ def load_for_inference(ckpt: str | os.PathLike, overrides: Sequence[str] = (), u
     tokenizer = load_tokenizer(cfg.tokenizer)
     vocab_size = int(meta.get("vocab_size") or tokenizer.vocab_size)
     if int(tokenizer.vocab_size) != vocab_size:
-        raise ValueError(f"{step_dir} was trained with V={vocab_size} but the tokenizer {tokenizer.spec()!r} has "
+        raise InferenceError(f"{step_dir} was trained with V={vocab_size} but the tokenizer {tokenizer.spec()!r} has "
                          f"V={tokenizer.vocab_size}; point tokenizer.path at the run's tokenizer")
-    components = build_components(cfg, vocab_size)
+    try:
+        components = build_components(cfg, vocab_size)
+    except ValueError as err:  # e.g. a sampler setting its constructor rejects
+        raise InferenceError(f"{step_dir}: cannot build the recipe's components: {err}") from err
     model = components.model
     if use_ema:
         shadow = load_ema_shadow(step_dir)
         if shadow is None:
-            raise ValueError(f"{step_dir} holds no EMA weights (train.ema_decay was 0); use --no-ema "
+            raise InferenceError(f"{step_dir} holds no EMA weights (train.ema_decay was 0); use --no-ema "
                              "(use_ema=False) to load the raw weights")
         wanted = set(model.state_dict())
         state = dict(shadow)
@@ -141,14 +150,14 @@ def load_for_inference(ckpt: str | os.PathLike, overrides: Sequence[str] = (), u
         state = load_fp32_state_dict(step_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{step_dir}: weights do not match the recipe's model (missing {sorted(missing)[:5]}, "
+        raise InferenceError(f"{step_dir}: weights do not match the recipe's model (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
     device = torch.device(device)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return Loaded(cfg=cfg, components=components, model=model, tokenizer=tokenizer, step_dir=step_dir,
-                  meta=meta, use_ema=use_ema, device=device)
+                  meta=meta, vocab_size=vocab_size, use_ema=use_ema, device=device)
 
 
 class ARJudge:
@@ -161,7 +170,7 @@ class ARJudge:
 
     def __init__(self, loaded: Loaded) -> None:
         if loaded.components.is_diffusion:
-            raise ValueError(f"judge checkpoint {loaded.step_dir} is a diffusion model; a judge must be an "
+            raise InferenceError(f"judge checkpoint {loaded.step_dir} is a diffusion model; a judge must be an "
                              "autoregressive run (model ar_transformer)")
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -216,3 +225,130 @@ def judge_from_spec(spec: Any, device: str | torch.device = "cpu", use_ema: bool
     from udmtrain.eval.gen_ppl import load_judge
 
     return load_judge(spec, device=device, **judge_kwargs)
+
+
+# ---------------------------------------------------------------------------- shared by the tools/ CLIs
+def add_sampler_arguments(parser: Any) -> None:
+    """The sampler flags of ``tools/sample.py`` and ``tools/gen_ppl.py`` (each becomes a ``sampler.*``
+    override; unset flags keep the recipe's value)."""
+    parser.add_argument("--sampler", help="registered sampler name (default: the recipe's sampler)")
+    parser.add_argument("--steps", type=int, help="sampler.num_steps (network evaluations per sample)")
+    parser.add_argument("--temperature", type=float, help="sampler.temperature")
+    parser.add_argument("--top-p", type=float, help="sampler.top_p (nucleus mass)")
+    parser.add_argument("--temperature-on", choices=["loo", "denoiser", "logits", "auto"],
+                        help="sampler.temperature_on")
+
+
+def sampler_overrides(args: Any, extra: Sequence[str] = ()) -> list[str]:
+    """Recipe overrides from the sampler flags, then the user's dotted overrides (``extra``).
+
+    ``sampler.name`` comes first: naming another sampler replaces the whole section (the recipe
+    merge rule), so the other ``sampler.*`` settings then apply to the new sampler.
+    """
+    out = [f"sampler.name={args.sampler}"] if getattr(args, "sampler", None) else []
+    for flag, key in (("steps", "num_steps"), ("temperature", "temperature"), ("top_p", "top_p"),
+                      ("temperature_on", "temperature_on")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"sampler.{key}={value}")
+    return out + list(extra)
+
+
+def split_overrides(unknown: Sequence[str]) -> list[str]:
+    """Dotted ``section.key=value`` overrides left over by argparse; anything else is a usage error."""
+    bad = [a for a in unknown if a.startswith("-") or "=" not in a]
+    if bad:
+        raise SystemExit(f"udmtrain: unrecognised argument(s) {' '.join(bad)}; options are listed by --help, "
+                         "recipe overrides look like sampler.num_steps=32")
+    return list(unknown)
+
+
+def encode_prefix(loaded: Loaded, text: str | None, batch_size: int) -> tuple[torch.Tensor | None, int]:
+    """``[BOS] + encode(text)`` repeated over the batch (``[B, P]``) and ``P``; (None, 0) without text."""
+    if not text:
+        return None, 0
+    ids = [int(loaded.tokenizer.bos_id)] + list(loaded.tokenizer.encode(text))
+    seq_len = int(loaded.cfg.data.seq_len)
+    if len(ids) > seq_len:
+        raise InferenceError(f"--prefix is {len(ids)} tokens (with BOS) but sequences are {seq_len} long")
+    return torch.tensor(ids, dtype=torch.long).repeat(batch_size, 1).to(loaded.device), len(ids)
+
+
+@torch.no_grad()
+def draw_samples(loaded: Loaded, num_samples: int, batch_size: int, seed: int,
+                 prefix_text: str | None = None, network: Any = None) -> dict:
+    """``num_samples`` sequences of ``data.seq_len`` tokens from the recipe's sampler.
+
+    Batch ``i`` uses a generator seeded with ``seed + i`` (so any sample is reproducible from the
+    recorded seed); the last batch may be smaller. Returns ``{"tokens": [N, L] LongTensor, "nfe":
+    [per batch], "seeds": [per batch], "batch_sizes": [...]}``.
+    """
+    sampler = loaded.components.sampler
+    if not loaded.components.is_diffusion:
+        raise InferenceError(f"{loaded.step_dir} is an autoregressive run; sampling needs a diffusion checkpoint")
+    if sampler is None:
+        raise InferenceError(f"{loaded.step_dir} has no sampler: its recipe "
+                             "names none (pass --sampler NAME)")
+    if num_samples < 1 or batch_size < 1:
+        raise InferenceError(f"--num-samples ({num_samples}) and --batch-size ({batch_size}) must be >= 1")
+    network = network if network is not None else loaded.network()
+    tokens, nfes, seeds, sizes = [], [], [], []
+    for i, start in enumerate(range(0, num_samples, batch_size)):
+        B = min(batch_size, num_samples - start)
+        generator = torch.Generator(device=loaded.device).manual_seed(seed + i)
+        prefix_BL, prefix_len = encode_prefix(loaded, prefix_text, B)
+        out = sampler.sample(network, B, int(loaded.cfg.data.seq_len), generator, prefix_BL=prefix_BL,
+                             prefix_len=prefix_len)
+        tokens.append(out.tokens_BL.cpu())
+        nfes.append(int(out.nfe))
+        seeds.append(seed + i)
+        sizes.append(B)
+    return {"tokens": torch.cat(tokens), "nfe": nfes, "seeds": seeds, "batch_sizes": sizes}
+
+
+def sampler_settings(loaded: Loaded) -> dict:
+    """The resolved sampler section (name + every config field) for the JSON records."""
+    return loaded.cfg.sampler.to_dict() if loaded.cfg.sampler is not None else {}
+
+
+def run_cli(main: Any, argv: Sequence[str] | None = None) -> int:
+    """Run a tool's ``main``: recipe problems -> the config report, bad paths/checkpoints/data -> one
+    ``udmtrain: ...`` line; exit code 2, no traceback (``UDMTRAIN_DEBUG=1`` keeps tracebacks)."""
+    import sys
+
+    from udmtrain.config import ConfigError, report_and_exit
+    from udmtrain.data.errors import DataError
+
+    try:
+        return int(main(argv) or 0)
+    except ConfigError as err:
+        if os.environ.get("UDMTRAIN_DEBUG") == "1":
+            raise
+        report_and_exit(err)
+    except (FileNotFoundError, DataError, InferenceError) as err:
+        if os.environ.get("UDMTRAIN_DEBUG") == "1":
+            raise
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"udmtrain: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def with_sampler(loaded: Loaded, overrides: Sequence[str]) -> Loaded:
+    """``loaded`` with its sampler rebuilt from the saved recipe + ``overrides`` (weights shared, not
+    reloaded): a sweep changes ``sampler.*`` per setting at the cost of one recipe validation."""
+    import dataclasses
+
+    from udmtrain.config import load_recipe
+    from udmtrain.registry import SAMPLER
+
+    cfg = load_recipe(os.fspath(loaded.step_dir / "recipe.yaml"), list(overrides))
+    c = loaded.components
+    if cfg.sampler is None or not c.is_diffusion:
+        raise InferenceError(f"{loaded.step_dir}: no sampler to rebuild (autoregressive run or no sampler section)")
+    try:
+        sampler = SAMPLER.build(cfg.sampler.name, cfg.sampler.cfg, schedule=c.schedule, process=c.process,
+                                parameterization=c.parameterization)
+    except ValueError as err:
+        raise InferenceError(f"sampler {cfg.sampler.name!r}: {err}") from err
+    return dataclasses.replace(loaded, cfg=cfg, components=dataclasses.replace(c, sampler=sampler))

@@ -17,7 +17,7 @@ COMBOS = [
     ("ancestral", "uniform", "denoiser", {}),
     ("ancestral", "absorbing_uniform", "denoiser", {}),
     ("max_coupling", "uniform", "denoiser", {}),
-    ("remdm", "masked", "denoiser", {"schedule": "loop"}),
+    ("remdm", "masked", "denoiser", {"sigma_schedule": "loop"}),
     ("reaudm", "absorbing_uniform", "denoiser", {}),
     ("pc_gibbs", "uniform", "loo", {}),
     ("pc_gibbs", "uniform", "denoiser", {"predictor": "max_coupling", "selection": "lowest_maxprob"}),
@@ -123,7 +123,7 @@ def test_incompatible_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="predictor='reaudm' does not apply to process 'uniform'"):
         build("pc_gibbs", "uniform", predictor="reaudm")
     with pytest.raises(ValueError, match="loop"):
-        build("remdm", "masked", schedule="loop", t_on=0.1, t_off=0.5)
+        build("remdm", "masked", sigma_schedule="loop", t_on=0.1, t_off=0.5)
     smp = build("ancestral", "uniform", num_steps=2)
     net = network("uniform", law(0))
     with pytest.raises(ValueError, match="no prefix_BL was given"):

@@ -25,12 +25,12 @@ CASES = [
     ("max_coupling", "uniform", "loo", "loo", {}),
     ("ancestral", "absorbing_uniform", "denoiser", None, {}),            # AUDM
     ("reaudm", "absorbing_uniform", "denoiser", None, {}),               # ReAUDM
-    ("remdm", "masked", "denoiser", None, {"schedule": "zero"}),
-    ("remdm", "masked", "denoiser", None, {"schedule": "constant", "eta": 0.1}),
-    ("remdm", "masked", "denoiser", None, {"schedule": "cap"}),
-    ("remdm", "masked", "denoiser", None, {"schedule": "rescale", "eta_rescale": 0.5}),
-    ("remdm", "masked", "denoiser", None, {"schedule": "loop", "loop_eta": 0.1}),
-    ("remdm", "masked", "denoiser", None, {"schedule": "cap", "t_switch": 0.5}),
+    ("remdm", "masked", "denoiser", None, {"sigma_schedule": "zero"}),
+    ("remdm", "masked", "denoiser", None, {"sigma_schedule": "constant", "eta": 0.1}),
+    ("remdm", "masked", "denoiser", None, {"sigma_schedule": "cap"}),
+    ("remdm", "masked", "denoiser", None, {"sigma_schedule": "rescale", "eta_rescale": 0.5}),
+    ("remdm", "masked", "denoiser", None, {"sigma_schedule": "loop", "loop_eta": 0.1}),
+    ("remdm", "masked", "denoiser", None, {"sigma_schedule": "cap", "t_switch": 0.5}),
     ("pc_gibbs", "uniform", "loo", "loo", {"k_parallel": 1, "selection": "random"}),
     ("pc_gibbs", "absorbing_uniform", "denoiser", None, {"k_parallel": 1, "selection": "random"}),
     ("pc_gibbs", "absorbing_uniform", "denoiser", None,

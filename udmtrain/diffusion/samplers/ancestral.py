@@ -21,20 +21,22 @@ from udmtrain.diffusion.samplers.base import Sampler, SamplingRun
 from udmtrain.registry import SAMPLER
 
 
-def _keep_weights(z_BL: torch.Tensor, num_states: int, weight_B1: torch.Tensor) -> torch.Tensor:
-    """``weight * e_{z}`` as ``[B, L, V]`` float64 (the 'stay where you are' part of a kernel)."""
-    onehot = torch.nn.functional.one_hot(z_BL, num_states).to(torch.float64)
-    return weight_B1.to(torch.float64)[..., None] * onehot
+def _add_keep(w_BLV: torch.Tensor, z_BL: torch.Tensor, weight_B1: torch.Tensor) -> torch.Tensor:
+    """``w + weight * e_{z}`` in place (the 'stay where you are' part of a kernel), float64 ``[B, L, V]``.
+
+    A scatter instead of a one-hot: at V = 50k a float64 one-hot would be one more ``[B, L, V]`` copy."""
+    keep_BL1 = weight_B1.to(torch.float64).expand(z_BL.shape)[..., None].contiguous()
+    return w_BLV.scatter_add_(-1, z_BL[..., None], keep_BL1)
 
 
 def mdlm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, mask_id: int, generator) -> torch.Tensor:
     """MDLM ancestral update (SPEC 5.4): ``z_s ~ Cat((a_s - a_t) x̂ + (1 - a_s) e_{z_t})`` at masked
     positions (the weights sum to ``1 - a_t``; Gumbel-argmax needs no normalisation); clean tokens
     are frozen whatever the prediction says. The mask column of ``x̂`` is ignored."""
-    V = den_probs_BLV.shape[-1]
-    x0 = den_probs_BLV.to(torch.float64).clone()
-    x0[..., mask_id] = 0.0
-    w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * x0 + _keep_weights(z_BL, V, 1 - alpha_s_B1)
+    x0 = den_probs_BLV.to(torch.float64)
+    w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * x0
+    w[..., mask_id] = 0.0
+    w = _add_keep(w, z_BL, 1 - alpha_s_B1)
     z_s = cat.sample_from_probs(w, generator)
     return torch.where(z_BL == mask_id, z_s, z_BL)
 
@@ -54,10 +56,9 @@ def uniform_plugin_step(loo_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) 
 
 def max_coupling_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
     """Max-coupling kernel (SPEC 3.3, 5.4): ``z_s ~ Cat((a_s-a_t)/(1-a_t) D + (1-a_s)/(1-a_t) e_{z_t})``."""
-    V = den_probs_BLV.shape[-1]
     one_minus_t = (1 - alpha_t_B1).to(torch.float64)
     w = ((alpha_s_B1 - alpha_t_B1) / one_minus_t)[..., None] * den_probs_BLV.to(torch.float64)
-    w = w + _keep_weights(z_BL, V, (1 - alpha_s_B1) / one_minus_t)
+    w = _add_keep(w, z_BL, (1 - alpha_s_B1) / one_minus_t)
     return cat.sample_from_probs(w, generator)
 
 
@@ -68,9 +69,8 @@ def audm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) 
     ``n`` w.p. ``((1-a_s) + (a_s-a_t) p(n)) / (1-a_t)``); inactive ones (``z != n``) are clean and
     frozen; ``n`` never changes.
     """
-    V = den_probs_BLV.shape[-1]
     w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * den_probs_BLV.to(torch.float64)
-    w = w + _keep_weights(z_BL, V, 1 - alpha_s_B1)
+    w = _add_keep(w, z_BL, 1 - alpha_s_B1)
     z_s = cat.sample_from_probs(w, generator)
     return torch.where(z_BL == noise_BL, z_s, z_BL)
 
@@ -133,14 +133,15 @@ class AncestralSampler(Sampler):
 
     def generate(self, run: SamplingRun) -> None:
         """Step from t = 1 to t = 0 on the uniform grid with the process's kernel."""
-        step = {"masked": step_mdlm, "uniform": step_uniform_plugin, "absorbing_uniform": step_audm}[self.kind]
-        use_cache = self.kind == "masked" and self.cfg.cache and not self.cfg.time_conditioned
+        use_cache = self.cfg.cache and not self.cfg.time_conditioned
         times = self.time_grid(self.cfg.num_steps)
         for t, s in zip(times[:-1], times[1:]):
             if self.kind == "masked":
                 step_mdlm(self, run, t, s, use_cache=use_cache)
+            elif self.kind == "uniform":
+                step_uniform_plugin(self, run, t, s)
             else:
-                step(self, run, t, s)
+                step_audm(self, run, t, s)
             self.record(run)
 
 

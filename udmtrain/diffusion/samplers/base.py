@@ -62,14 +62,23 @@ class SamplingRun:
     """Mutable state of one ``sample`` call, passed to the step functions."""
 
     network: Callable[..., torch.Tensor]
+    """``(xt_BL, sigma_B, noise_BL) -> logits_BLV``."""
     generator: torch.Generator
+    """The only source of randomness."""
     z_BL: torch.Tensor
+    """Current tokens (LongTensor ``[B, L]``)."""
     noise_BL: torch.Tensor | None
+    """AUDM noise tokens ``n`` or None."""
     prefix_BL: torch.Tensor | None
+    """Conditioning tokens (positions ``< prefix_len`` are clamped) or None."""
     prefix_len: int
+    """Number of clamped leading positions."""
     nfe: int = 0
+    """Network calls so far."""
     trajectory: list[torch.Tensor] | None = None
+    """States after each step when recording, else None."""
     cache: dict[str, Any] = field(default_factory=dict)
+    """Sampler-private reusable predictions (the MDLM cache)."""
 
     @property
     def free_BL(self) -> torch.Tensor:
@@ -146,7 +155,8 @@ class Sampler(abc.ABC):
         """
         device = self._device(network, generator, prefix_BL)
         prefix = self._check_prefix(prefix_BL, prefix_len, batch_size, seq_len, device)
-        noised = self.process.prior(batch_size, seq_len, generator, device)
+        # the prior is drawn on the generator's device (a CPU generator may drive a GPU network)
+        noised = self.process.prior(batch_size, seq_len, generator, generator.device)
         run = SamplingRun(network=network, generator=generator, z_BL=noised.xt_BL.to(device),
                           noise_BL=None if noised.noise_BL is None else noised.noise_BL.to(device),
                           prefix_BL=prefix, prefix_len=prefix_len,

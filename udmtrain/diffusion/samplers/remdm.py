@@ -50,7 +50,7 @@ class ReMDMSampler(Sampler):
 
     @dataclass(kw_only=True, frozen=True)
     class Config(Sampler.Config):
-        schedule: Literal["zero", "constant", "cap", "rescale", "loop"] = "cap"
+        sigma_schedule: Literal["zero", "constant", "cap", "rescale", "loop"] = "cap"
         """Remasking schedule sigma_t (SPEC 5.4)."""
         eta: float = 0.02
         """'constant': sigma_base = eta."""
@@ -76,14 +76,14 @@ class ReMDMSampler(Sampler):
         for key in ("eta", "eta_cap", "eta_rescale", "loop_eta"):
             if not 0.0 <= getattr(cfg, key) <= 1.0:
                 raise ValueError(f"sampler.{key} must be in [0, 1], got {getattr(cfg, key)}")
-        if cfg.schedule == "loop" and not (0.0 < cfg.t_off < cfg.t_on < 1.0 and 0.0 < cfg.alpha_on < 1.0):
-            raise ValueError(f"sampler schedule 'loop' needs 0 < t_off < t_on < 1 and 0 < alpha_on < 1, got "
+        if cfg.sigma_schedule == "loop" and not (0.0 < cfg.t_off < cfg.t_on < 1.0 and 0.0 < cfg.alpha_on < 1.0):
+            raise ValueError(f"sampler.sigma_schedule='loop' needs 0 < t_off < t_on < 1 and 0 < alpha_on < 1, got "
                              f"t_off={cfg.t_off}, t_on={cfg.t_on}, alpha_on={cfg.alpha_on}")
 
     def warped_alpha(self, t: float, run: SamplingRun) -> torch.Tensor:
         """alpha_t as float64 ``[B, 1]``: the schedule's, or the 'loop' warp."""
         c = self.cfg
-        if c.schedule != "loop":
+        if c.sigma_schedule != "loop":
             return self.alpha_B1(t, run)
         if t > c.t_on:
             a = c.alpha_on * (1.0 - t) / (1.0 - c.t_on)
@@ -98,13 +98,13 @@ class ReMDMSampler(Sampler):
         c = self.cfg
         sigma_max = torch.where(alpha_t_B1 > 0, (1 - alpha_s_B1) / alpha_t_B1.clamp_min(1e-300),
                                 torch.ones_like(alpha_t_B1)).clamp(max=1.0)
-        if c.schedule == "zero" or t > c.t_switch:
+        if c.sigma_schedule == "zero" or t > c.t_switch:
             base = torch.zeros_like(sigma_max)
-        elif c.schedule == "constant":
+        elif c.sigma_schedule == "constant":
             base = torch.full_like(sigma_max, c.eta)
-        elif c.schedule == "cap":
+        elif c.sigma_schedule == "cap":
             base = torch.full_like(sigma_max, c.eta_cap)
-        elif c.schedule == "rescale":
+        elif c.sigma_schedule == "rescale":
             base = c.eta_rescale * sigma_max
         else:  # loop: remask only on the plateau
             base = torch.full_like(sigma_max, c.loop_eta if c.t_off < t <= c.t_on else 0.0)

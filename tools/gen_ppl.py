@@ -1,0 +1,131 @@
+"""Generative perplexity (+ entropy, MAUVE when available) of a checkpoint's samples under a judge LM.
+
+    python tools/gen_ppl.py --ckpt runs/quickstart-audm --num-samples 64 --steps 64 --judge runs/quickstart-ar
+    python tools/gen_ppl.py --ckpt runs/owt-udlm --num-samples 256 --steps 256 --temperature 0.9 \\
+        --judge gpt2-large --judge-batch-size 16 --out genppl.json          # hub id (needs network)
+    python tools/gen_ppl.py --ckpt runs/owt-udlm --num-samples 256 --steps 128 --judge /models/gpt2-large
+    python tools/gen_ppl.py --ckpt runs/quickstart-audm --num-samples 32 --judge runs/quickstart-ar \\
+        --sweep temperature=0.8,0.9,1.0 top_p=0.9,1.0 steps=16,64 --out-dir frontier/
+
+``--judge``: a udmtrain AR run or step directory (offline: the AR run's tokenizer, BOS prepended), a
+local Hugging Face directory, or a hub id (default gpt2-large). Sampler options as in tools/sample.py
+(flags or ``sampler.*`` overrides). ``--sweep`` writes ``frontier.csv`` (one row per setting, resumable:
+a rerun skips settings already in the CSV), ``frontier.png`` (gen PPL vs entropy per step count) and
+every setting's full report under ``reports/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from udmtrain.train import inference as inf  # noqa: E402
+
+SWEEP_KEYS = {"temperature": float, "top_p": float, "steps": int}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
+    p.add_argument("--num-samples", type=int, default=64)
+    inf.add_sampler_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="samples per sampler call (default: all)")
+    p.add_argument("--judge", default="gpt2-large", help="udmtrain AR run/step dir | HF dir | HF hub id")
+    p.add_argument("--judge-batch-size", type=int, default=8)
+    p.add_argument("--judge-dtype", default="float32", help="Hugging Face judges: float32 | bfloat16 | float16")
+    p.add_argument("--prefix-eos", action="store_true", help="prefix the judge's EOS to every sample")
+    p.add_argument("--mauve-references", default=None, help="text file, one reference text per line")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when available)")
+    p.add_argument("--out", default=None, help="JSON report (single run)")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help=f"grid over {', '.join(SWEEP_KEYS)}; needs --out-dir")
+    p.add_argument("--out-dir", default=None, help="sweep output directory (frontier.csv / .png, reports/)")
+    return p
+
+
+def parse_sweep(items: list[str], loaded: inf.Loaded) -> list[dict]:
+    """``["temperature=0.8,1.0", ...]`` -> the grid; unswept keys keep the (flag-adjusted) recipe value."""
+    from udmtrain.eval.frontier import grid
+
+    s = loaded.cfg.sampler.cfg
+    values = {"temperature": [s.temperature], "top_p": [s.top_p], "steps": [s.num_steps]}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in SWEEP_KEYS or not raw:
+            raise inf.InferenceError(f"--sweep {item!r}: expected KEY=V1,V2,... with KEY one of {sorted(SWEEP_KEYS)}")
+        try:
+            values[key] = [SWEEP_KEYS[key](v) for v in raw.split(",")]
+        except ValueError:
+            raise inf.InferenceError(f"--sweep {item!r}: values must be {SWEEP_KEYS[key].__name__}s") from None
+    return grid(values["temperature"], values["top_p"], values["steps"])
+
+
+def score(loaded: inf.Loaded, judge, args, references) -> dict:
+    """Draw ``--num-samples`` samples and return their gen_ppl_report."""
+    from udmtrain.eval.gen_ppl import gen_ppl_report
+
+    drawn = inf.draw_samples(loaded, args.num_samples, args.batch_size or args.num_samples, args.seed)
+    return gen_ppl_report(
+        drawn["tokens"], lambda ids: [loaded.tokenizer.decode(x) for x in ids], judge,
+        batch_size=args.judge_batch_size, prefix_eos=args.prefix_eos, sampler_settings=inf.sampler_settings(loaded),
+        seeds={"base_seed": args.seed, "batch_seeds": drawn["seeds"]}, mauve_references=references,
+        protocol={"model": loaded.protocol(), "nfe_per_batch": drawn["nfe"], "batch_sizes": drawn["batch_sizes"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from udmtrain.eval.frontier import run_sweep, setting_key
+
+    args, unknown = build_parser().parse_known_args(argv)
+    overrides = inf.sampler_overrides(args, inf.split_overrides(unknown))
+    if args.sweep and not args.out_dir:
+        raise inf.InferenceError("--sweep needs --out-dir (where frontier.csv and frontier.png go)")
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema, device=device)
+    settings = parse_sweep(args.sweep, loaded) if args.sweep else None  # validate before loading the judge
+    judge = inf.judge_from_spec(args.judge, device=device, dtype=args.judge_dtype)
+    references = None
+    if args.mauve_references:
+        with open(args.mauve_references, encoding="utf-8") as f:
+            references = [line.rstrip("\n") for line in f if line.strip()]
+    if not args.sweep:
+        report = score(loaded, judge, args, references)
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        print(f"udmtrain: gen_ppl {report['gen_ppl']:.2f} | entropy {report['entropy']:.3f} | "
+              f"{report['num_samples']} samples", file=sys.stderr)
+        return 0
+    os.makedirs(os.path.join(args.out_dir, "reports"), exist_ok=True)
+
+    def generate_and_score(setting: dict) -> dict:
+        here = inf.with_sampler(loaded, overrides + [f"sampler.num_steps={setting['steps']}",
+                                                     f"sampler.temperature={setting['temperature']}",
+                                                     f"sampler.top_p={setting['top_p']}"])
+        report = score(here, judge, args, references)
+        name = "_".join(f"{k}{v}" for k, v in zip(("steps", "T", "p"), setting_key(setting)))
+        with open(os.path.join(args.out_dir, "reports", f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        print(f"udmtrain: {setting} -> gen_ppl {report['gen_ppl']:.2f} entropy {report['entropy']:.3f}",
+              file=sys.stderr)
+        return {"gen_ppl": report["gen_ppl"], "gen_nll": report["gen_nll"], "entropy": report["entropy"],
+                "entropy_std": report["entropy_std"], "num_samples": report["num_samples"],
+                "nfe": max(report["nfe_per_batch"]), "sampler": here.cfg.sampler.name, "seed": args.seed,
+                "judge": report["judge"]["name_or_path"], "mauve": report["mauve"].get("mauve", "")}
+
+    rows = run_sweep(settings, generate_and_score, os.path.join(args.out_dir, "frontier.csv"),
+                     plot_path=os.path.join(args.out_dir, "frontier.png"))
+    print(json.dumps({"csv": os.path.join(args.out_dir, "frontier.csv"), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(inf.run_cli(main, sys.argv[1:]))
