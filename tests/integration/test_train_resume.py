@@ -6,6 +6,8 @@ partitions, Adam moments; EMA; the data cursor), for ZeRO 1 (1 process, fp32), Z
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,10 @@ def _assert_equivalent(straight: Path, resumed: Path, nproc: int) -> None:
     assert sorted(a) == list(range(1, STEPS + 1)), a
     assert a == b, f"per-step losses differ:\nstraight {a}\nresumed  {b}"
     sa, sb = th.step_dir(straight, STEPS), th.step_dir(resumed, STEPS)
+    for d in (sa, sb):
+        meta = json.loads((d / "meta.json").read_text())
+        assert (meta["world_size"], meta["step"]) == (nproc, STEPS), meta
+        assert {f"rank{r}_state.pt" for r in range(nproc)} <= {p.name for p in d.iterdir()}
     th.assert_same_tensors(th.ds_tensors(sa), th.ds_tensors(sb), "DeepSpeed shards at the last step")
     for rank in range(nproc):
         ra, rb = th.rank_state(sa, rank), th.rank_state(sb, rank)

@@ -81,21 +81,30 @@ def write(tmp_path: Path, files: dict[str, str]) -> None:
 
 def test_base_chain_left_to_right_relative_paths(tmp_path):
     write(tmp_path, {
-        "base/a.yaml": "x: {p: 1, q: 1, l: [1, 2]}\ns: {name: one, k: 1}\n",
+        "base/a.yaml": "x: {p: 1, q: 1, l: [1, 2]}\nschedule: {name: one, k: 1}\n",
         "base/b.yaml": "base: a.yaml\nx: {q: 2}\n",
-        "base/c.yaml": "x: {p: 3, l: [9]}\ns: {name: two}\n",
+        "base/c.yaml": "x: {p: 3, l: [9]}\nschedule: {name: two}\n",
         "sub/r.yaml": "base: [../base/b.yaml, ../base/c.yaml]\nx: {r: 4}\n",
     })
     tree = load_tree(str(tmp_path / "sub/r.yaml"))
     # c overrides b (which extends a); lists replace; a changed component name replaces the section
-    assert tree.data == {"x": {"p": 3, "q": 2, "l": [9], "r": 4}, "s": {"name": "two"}}
+    assert tree.data == {"x": {"p": 3, "q": 2, "l": [9], "r": 4}, "schedule": {"name": "two"}}
     assert tree.origins["x.q"].endswith("/base/b.yaml:2:8") and tree.origins["x.l[0]"].endswith("/base/c.yaml:1:15")
-    assert "s.k" not in tree.origins and tree.origins["x.r"].endswith("/sub/r.yaml:2:8")
+    assert "schedule.k" not in tree.origins and tree.origins["x.r"].endswith("/sub/r.yaml:2:8")
 
 
 def test_same_component_name_deep_merges(tmp_path):
     write(tmp_path, {"a.yaml": "s: {name: one, k: 1, j: 2}\n", "r.yaml": "base: a.yaml\ns: {name: one, k: 5}\n"})
     assert load_tree(str(tmp_path / "r.yaml")).data == {"s": {"name": "one", "k": 5, "j": 2}}
+
+
+def test_only_component_sections_are_replaced_on_a_name_change(tmp_path):
+    # run.name is a plain field: changing it must not reset run.seed / run.output_root
+    write(tmp_path, {"a.yaml": "run: {name: a, seed: 7, output_root: out}\nmodel: {name: dit, hidden_size: 8}\n",
+                     "r.yaml": "base: a.yaml\nrun: {name: b}\nmodel: {name: ar_transformer}\n"})
+    tree = load_tree(str(tmp_path / "r.yaml"), ["run.name=c"])
+    assert tree.data["run"] == {"name": "c", "seed": 7, "output_root": "out"}
+    assert tree.data["model"] == {"name": "ar_transformer"}
 
 
 def test_base_cycle_names_the_chain(tmp_path):

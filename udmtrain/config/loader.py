@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from udmtrain.config.errors import ConfigError, ConfigIssue
+from udmtrain.config.schema import COMPONENT_SECTIONS
 
 STR, INT, FLOAT, BOOL, NULL = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null"))
 SEQ, MAP = "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
@@ -189,8 +190,11 @@ def merge(parent: Tree, child: Tree) -> Tree:
         for key, value in src.items():
             child_path = f"{path}.{key}" if path else key
             old = dst.get(key)
+            # Only a component section (model, process, ...) is replaced when its ``name`` changes;
+            # ``run.name`` is an ordinary field and merges like any other.
             same_component = not (
-                isinstance(old, dict) and isinstance(value, dict)
+                not path and key in COMPONENT_SECTIONS
+                and isinstance(old, dict) and isinstance(value, dict)
                 and "name" in value and "name" in old and value["name"] != old["name"])
             if isinstance(old, dict) and isinstance(value, dict) and same_component:
                 out.key_origins[child_path] = child.key_origins.get(child_path, out.key_origins.get(child_path, ""))

@@ -332,6 +332,8 @@ def build_trainer(cfg: Any) -> Run:
     torch.manual_seed(cfg.run.seed)
     vocab_size = resolve_vocab_size(cfg, manifest)
     components = build_components(cfg, vocab_size, with_sampler=False)
+    # counted before deepspeed.initialize: ZeRO-3 empties the partitioned weights (numel 0)
+    flops = flops_per_token(components.model, cfg.data.seq_len)
     run_dir = run_dir_for(cfg)
     recipe_dict = cfg.to_dict()
     created: list[torch.optim.Optimizer] = []
@@ -366,7 +368,6 @@ def build_trainer(cfg: Any) -> Run:
                         rank=rank, world_size=world, device=device, timer=timer, optimizer=created[0], ema=ema)
     evaluator = Evaluator(cfg=cfg, components=components, engine=engine, ema=ema, rank=rank,
                           world_size=world, device=device)
-    flops = flops_per_token(engine.module, cfg.data.seq_len)
     peak = measure_peak_flops(device, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32)
 
     def throughput(seconds: float, tokens: int) -> dict:

@@ -291,6 +291,12 @@ class Checkpointer:
         check_compatible(saved_recipe or {}, recipe_dict or {}, saved_world_size=meta["world_size"],
                          world_size=get_world_size(), where=str(step_dir))
         dse.load(engine, step_dir)
+        # ZeRO-3: after a load the parameter coordinator holds a stale fetch trace, and with the EMA's
+        # gathers in the loop the second step after a resume dies with DeepSpeed's "tracing error ...
+        # parameter fetch queue". Releasing every parameter resets it (a no-op below stage 3).
+        release = getattr(engine, "empty_partition_cache", None)
+        if release is not None:
+            release()
         rank = get_rank()
         state = torch.load(step_dir / f"rank{rank}_state.pt", map_location="cpu", weights_only=False)
         if state.pop("has_ema", False) and rank != 0:

@@ -100,7 +100,10 @@ class Trainer:
                 self.metrics.log(state.step, self.evaluate(state.step))
             stop = self.stop_requested()
             if stop or self.should_save(state.step) or state.step == self.max_steps:
-                self.save(state.step)
+                if state.num_nonfinite == 0:
+                    self.save(state.step)
+                else:  # keep the last good checkpoint as `latest` (the weights may be diverging)
+                    print0(f"step {state.step}: checkpoint not written during a non-finite streak")
             if stop:
                 reason = "signal"
                 print0(f"stopping at step {state.step} on a signal; checkpoint written")
