@@ -16,6 +16,7 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export TORCH_EXTENSIONS_DIR=/tmp/torch_ext PYTHONUNBUFFERED=1
+if command -v deepspeed >/dev/null; then DS=deepspeed; else DS="python3 /tmp/site/bin/deepspeed"; fi
 D=/tmp/udm_gpu_data; R=/tmp/udm_gpu_runs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' | tee -a "$OUT/gpu.txt"
@@ -31,14 +32,14 @@ echo "=== pytest -m gpu"
 python3 -m pytest -m gpu -q tests 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
 
 echo "=== AUDM small, bf16, ZeRO-2, 60 steps"
-deepspeed --num_gpus 1 launch/pretrain.py --recipe recipes/absorbing_udm.yaml $COMMON run.name=z2 \
+$DS --num_gpus 1 launch/pretrain.py --recipe recipes/absorbing_udm.yaml $COMMON run.name=z2 \
   engine.zero_stage=2 train.max_steps=60 train.log_every=20 checkpoint.every=30 eval.every=60 2>&1 \
   | grep -v '^\[20' | tail -12 | tee "$OUT/train_z2.txt"
 
 echo "=== ZeRO-3: 20 steps, stop, resume to 40"
-deepspeed --num_gpus 1 launch/pretrain.py --recipe recipes/udlm_loo.yaml $COMMON run.name=z3 \
+$DS --num_gpus 1 launch/pretrain.py --recipe recipes/udlm_loo.yaml $COMMON run.name=z3 \
   engine.zero_stage=3 train.max_steps=20 train.log_every=10 checkpoint.every=20 eval.every=0 2>&1 | grep -v '^\[20' | tail -4 | tee "$OUT/train_z3.txt"
-deepspeed --num_gpus 1 launch/pretrain.py --recipe recipes/udlm_loo.yaml $COMMON run.name=z3 \
+$DS --num_gpus 1 launch/pretrain.py --recipe recipes/udlm_loo.yaml $COMMON run.name=z3 \
   engine.zero_stage=3 train.max_steps=40 train.log_every=10 checkpoint.every=20 eval.every=40 2>&1 | grep -v '^\[20' | tail -6 | tee -a "$OUT/train_z3.txt"
 
 echo "=== bench train (small DiT, bf16)"
