@@ -1,0 +1,109 @@
+"""prepare_data: shard layout, manifest, token totals, idempotent re-runs and exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from udmtrain.data.errors import DataError
+from udmtrain.data.prepare import prepare
+from udmtrain.data.sources import SourceSpec
+from udmtrain.data.webdataset import iter_raw_samples
+from udmtrain.data.shards import decode_sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def digests(out):
+    return {n: hashlib.sha256(open(os.path.join(out, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(out)) if n.endswith(".tar")}
+
+
+def test_layout_manifest_and_token_totals(shards, corpus, gpt2):
+    out, manifest = shards
+    docs = corpus[1]
+    valid_docs = [d for i, d in enumerate(docs) if i % 5 == 4]
+    train_docs = [d for i, d in enumerate(docs) if i % 5 != 4]
+    for split, split_docs in (("train", train_docs), ("valid", valid_docs)):
+        rec = manifest["splits"][split]
+        assert rec["num_tokens"] == sum(len(gpt2.encode(d)) + 2 for d in split_docs)
+        assert rec["num_documents"] == len(split_docs)
+        names = [s["name"] for s in rec["shards"]]
+        assert names == [f"{split}-{i:06d}.tar" for i in range(len(names))]
+        assert all(s["samples"] == 16 for s in rec["shards"][:-1])
+        # the shards hold exactly the wrapped token stream
+        stream = []
+        for name in names:
+            for raw in iter_raw_samples(os.path.join(out, name), lambda e: False):
+                ids, doc_ids = decode_sample(raw, 32)
+                stream.extend(ids[doc_ids >= 0].tolist())
+        assert stream == [t for d in split_docs for t in [50256, *gpt2.encode(d), 50256]]
+    on_disk = json.load(open(os.path.join(out, "manifest.json")))
+    assert on_disk["vocab_size"] == 50257 and on_disk["seq_len"] == 32 and on_disk["packing"] == "wrap"
+    assert on_disk["tokenizer"]["sha256"] == gpt2.identity()["sha256"]
+    assert on_disk["source"]["kind"] == "files" and on_disk["samples_per_shard"] == 16
+
+
+def test_rerun_is_idempotent_and_interrupted_run_resumes_exactly(tmp_path, corpus):
+    spec = SourceSpec(kind="files", inputs=[corpus[0]], valid_fraction=0.2)
+    out = str(tmp_path / "s")
+    prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False)
+    before = digests(out)
+    mtimes = {n: os.path.getmtime(os.path.join(out, n)) for n in before}
+    prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False)
+    assert {n: os.path.getmtime(os.path.join(out, n)) for n in before} == mtimes  # nothing rewritten
+    # simulate a crash after train shard 2: later shards gone, a half-written temp file left behind
+    train = sorted(n for n in before if n.startswith("train"))
+    assert len(train) > 4
+    for name in train[3:] + [n for n in before if n.startswith("valid")]:
+        os.remove(os.path.join(out, name))
+        os.remove(os.path.join(out, name[:-4] + ".json"))
+    os.remove(os.path.join(out, "manifest.json"))
+    open(os.path.join(out, train[3] + ".tmp"), "wb").write(b"partial")
+    manifest = prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False, num_workers=2)
+    assert digests(out) == before
+    assert manifest["splits"]["train"]["num_shards"] == len(train)
+
+
+def test_other_settings_in_same_directory_are_refused(tmp_path, corpus):
+    spec = SourceSpec(kind="files", inputs=[corpus[0]], valid_fraction=0.2)
+    out = str(tmp_path / "s")
+    prepare(spec, "gpt2", 32, out, samples_per_shard=64, progress=False)
+    with pytest.raises(DataError, match="seq_len.*differ"):
+        prepare(spec, "gpt2", 64, out, samples_per_shard=64, progress=False)
+
+
+def test_pad_packing_keeps_documents_apart(tmp_path, corpus):
+    spec = SourceSpec(kind="files", inputs=[corpus[0]], valid_fraction=0.2)
+    out = str(tmp_path / "p")
+    prepare(spec, "gpt2", 32, out, packing="pad", samples_per_shard=64, progress=False, splits=("train",))
+    for raw in iter_raw_samples(os.path.join(out, "train-000000.tar"), lambda e: False):
+        _, doc_ids = decode_sample(raw, 32)
+        assert len(set(doc_ids[doc_ids >= 0].tolist())) == 1 and doc_ids[0] >= 0
+
+
+def test_cli_demo_and_sentencepiece_tokenizer(tmp_path):
+    """The documented demo commands: train a tokenizer, then shard the demo corpus with it."""
+    model = str(tmp_path / "demo.model")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, "tools/train_tokenizer.py", "--source", "demo", "--vocab-size", "1000",
+                    "--out", model], cwd=ROOT, env=env, check=True, capture_output=True)
+    res = subprocess.run([sys.executable, "tools/prepare_data.py", "--source", "demo", "--tokenizer", model,
+                          "--seq-len", "512", "--samples-per-shard", "1024", "--no-progress",
+                          "--num-workers", "1", "--out", str(tmp_path / "d")],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["vocab_size"] == 1000 and summary["splits"]["valid"]["num_tokens"] > 0
+    names = sorted(os.listdir(tmp_path / "d"))
+    assert "train-000000.tar" in names and "valid-000000.tar" in names and "manifest.json" in names
+    bad = subprocess.run([sys.executable, "tools/prepare_data.py", "--source", "files", "--input",
+                          str(tmp_path / "missing*.txt"), "--tokenizer", model, "--seq-len", "8", "--out",
+                          str(tmp_path / "e")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "matches no file" in bad.stderr

