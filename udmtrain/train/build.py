@@ -247,7 +247,7 @@ class Evaluator:
         for i, batch in enumerate(loader):
             if limit is not None and i >= limit:
                 break
-            yield batch
+            yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def __call__(self, step: int) -> dict:
         from udmtrain.engine import deepspeed_engine as dse
@@ -261,8 +261,7 @@ class Evaluator:
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if self.ema is not None:
-                    stack.enter_context(dse.gathered_parameters(module, modifier_rank=0))
-                    stack.enter_context(self.ema.swap_into(module))
+                    stack.enter_context(ema_weights(module, self.ema))
                 if self.components.is_diffusion:
                     fn = nelbo_fn(self.components, network)
                     result = estimate_nelbo(fn, self.batches(), num_t_samples=self.cfg.eval.num_t_samples,
@@ -277,6 +276,27 @@ class Evaluator:
 
     def _eps(self) -> float:
         return float(getattr(self.cfg.schedule.cfg, "eps", 1e-3))
+
+
+@contextlib.contextmanager
+def ema_weights(module: torch.nn.Module, ema: Any):
+    """Within the block ``module`` computes with the EMA weights; restored bit-exactly afterwards.
+
+    Under ZeRO-3 the weights are written inside ``GatheredParameters(modifier_rank=0)`` (DeepSpeed
+    re-partitions them on exit) and the forward passes run *outside* any gathered context, so the
+    engine's own parameter fetching is never mixed with a manual gather. The backup is a CPU copy.
+    """
+    from udmtrain.engine import deepspeed_engine as dse
+
+    with torch.no_grad(), dse.gathered_parameters(module, modifier_rank=0):
+        backup = {name: p.detach().to("cpu", copy=True) for name, p in module.named_parameters()}
+        ema.copy_to(module)
+    try:
+        yield module
+    finally:
+        with torch.no_grad(), dse.gathered_parameters(module, modifier_rank=0):
+            for name, p in module.named_parameters():
+                p.copy_(backup[name])
 
 
 def nelbo_fn(components: Components, network: Callable) -> Callable:
@@ -380,11 +400,16 @@ def build_trainer(cfg: Any) -> Run:
         state.ema = ema.state_dict() if ema is not None else None
         checkpointer.save(engine, step, state, recipe_dict, {"run_name": cfg.run.name, "vocab_size": vocab_size})
 
+    def weights_finite() -> bool:
+        # Each rank checks what it holds (ZeRO-3: its partition), then all ranks agree.
+        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+        return step_fn._all_ranks_finite(local)
+
     signals = GracefulExit().__enter__()
     trainer = Trainer(
         state=state, max_steps=cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
         batches=batches, step_fn=step_fn, metrics=metrics, should_eval=evaluator.should_eval,
-        evaluate=evaluator, should_save=checkpointer.should_save, save=save,
+        evaluate=evaluator, should_save=checkpointer.should_save, save=save, weights_finite=weights_finite,
         stop_requested=signals.should_exit, timer=timer, throughput=throughput,
         lr_fn=lambda: engine.get_lr()[0], grad_norm_fn=lambda: step_fn.last_grad_norm)
 
@@ -397,6 +422,6 @@ def build_trainer(cfg: Any) -> Run:
         dse.teardown()
 
     print0(f"udmtrain: run {cfg.run.name} -> {run_dir} | world {world} on {device} | "
-           f"{sum(p.numel() for p in components.model.parameters()):,} parameters | "
+           f"{sum(getattr(p, 'ds_numel', p.numel()) for p in engine.module.parameters()):,} parameters | "
            f"resume from {resume_dir or 'scratch'} at step {state.step}")
     return Run(trainer=trainer, close=close, run_dir=run_dir)

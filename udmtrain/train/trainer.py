@@ -52,6 +52,7 @@ class Trainer:
         evaluate: Callable[[int], dict],
         should_save: Callable[[int], bool],
         save: Callable[[int], None],
+        weights_finite: Callable[[], bool],
         stop_requested: Callable[[], bool],
         timer: Any,
         throughput: Callable[[float, int], dict],
@@ -65,7 +66,7 @@ class Trainer:
         self.step_fn = step_fn
         self.metrics = metrics
         self.should_eval, self.evaluate = should_eval, evaluate
-        self.should_save, self.save = should_save, save
+        self.should_save, self.save, self.weights_finite = should_save, save, weights_finite
         self.stop_requested = stop_requested
         self.timer, self.throughput = timer, throughput
         self.lr_fn, self.grad_norm_fn = lr_fn, grad_norm_fn
@@ -100,10 +101,14 @@ class Trainer:
                 self.metrics.log(state.step, self.evaluate(state.step))
             stop = self.stop_requested()
             if stop or self.should_save(state.step) or state.step == self.max_steps:
-                if state.num_nonfinite == 0:
+                if state.num_nonfinite == 0 and self.weights_finite():
                     self.save(state.step)
-                else:  # keep the last good checkpoint as `latest` (the weights may be diverging)
-                    print0(f"step {state.step}: checkpoint not written during a non-finite streak")
+                else:  # never let `latest` point at diverging or NaN weights
+                    reason = "nonfinite"
+                    print0(f"stopping at step {state.step}: the weights or the loss are not finite, so no "
+                           "checkpoint is written and the last good one stays `latest`. Lower optim.lr, "
+                           "raise optim.eps or check the data.")
+                    break
             if stop:
                 reason = "signal"
                 print0(f"stopping at step {state.step} on a signal; checkpoint written")
