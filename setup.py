@@ -24,6 +24,9 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5"],
         "eval": ["transformers>=4.41", "matplotlib>=3.7", "mauve-text>=0.4"],
+        # Hugging Face datasets sources of tools/prepare_data.py (openwebtext, wikitext-103, lm1b)
+        # and parquet input.
+        "hf": ["datasets>=2.14", "pyarrow>=12"],
         "dev": ["pytest>=8", "transformers>=4.41", "matplotlib>=3.7"],
     },
 )
