@@ -1,6 +1,7 @@
 """What a run leaves behind and how it stops: TensorBoard + metrics.jsonl, checkpoint layout and
 retention, SIGTERM (finish the step, save, exit 0, resume from there), a diverged run (updates vetoed,
-exit code 3 after ``train.max_nonfinite_steps``), and a resume under a changed architecture."""
+exit code 3 after ``train.max_nonfinite_steps``; non-finite weights never checkpointed, ``latest`` stays
+on the last good step), and a resume under a changed architecture."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import math
 import re
 import shutil
+
+import pytest
 
 import torch
 
@@ -68,43 +71,78 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tiny_data, runs_root):
     assert steps == list(range(1, last + 3)), steps  # no step logged twice, none missing
 
 
+NO_CHECKPOINT = ("the weights or the loss are not finite, so no checkpoint is written and the last good one "
+                 "stays `latest`")
+
+
+def _nonfinite_run(tiny_data, runs_root, name: str, *extra: str):
+    """A 1-process quickstart run that diverges for real: Adam with ``optim.eps=0`` divides the zero
+    first and second moments of every parameter entry without gradient in step 1 (embedding rows of
+    unseen tokens, ...) as 0/0 = NaN, so step 1's loss is finite but its update makes weights NaN.
+    ZeRO stage 0 in fp32 has no overflow check of its own."""
+    proc = th.run("recipes/quickstart.yaml", th.tiny_overrides(
+        tiny_data, runs_root, name, "optim.eps=0", "engine.zero_stage=0", "train.max_steps=10", *extra))
+    return proc, runs_root / name
+
+
+def test_nan_weights_are_never_checkpointed(tiny_data, runs_root):
+    """The save due at step 1 finds NaN weights: nothing is written and the run stops with exit 3."""
+    proc, run_dir = _nonfinite_run(tiny_data, runs_root, "nan_weights", "checkpoint.every=1",
+                                   "train.max_nonfinite_steps=5")
+    assert proc.returncode == 3, th.describe(proc)
+    assert f"stopping at step 1: {NO_CHECKPOINT}" in proc.stdout, th.describe(proc)
+    assert "non-finite loss, update skipped" not in proc.stdout  # the loss of step 1 itself was finite
+    losses = th.losses(run_dir)
+    assert sorted(losses) == [1] and math.isfinite(losses[1])
+    assert th.metrics(run_dir)[-1]["train/skipped_steps"] == 0
+    assert not (run_dir / "checkpoints").exists(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
 def test_nonfinite_loss_vetoes_updates_and_stops_with_exit_3(tiny_data, runs_root):
-    """A real divergence: Adam with ``optim.eps=0`` turns the zero gradient of every embedding row
-    not seen in step 1 into 0/0 = NaN, so step 2's loss is NaN. ZeRO stage 0 (fp32) has no overflow
-    check of its own, so the only veto is TrainStep's ``optimizer.skip_next``: the weights and the
-    Adam state after the vetoed step 2 equal those after step 1, and the run stops with exit code 3
-    after ``train.max_nonfinite_steps`` consecutive non-finite steps without saving again."""
-    name = "nonfinite"
+    """No save is due (checkpoint.every=100): the NaN weights of step 1 give NaN losses at steps 2
+    and 3, both updates are vetoed, and ``train.max_nonfinite_steps=2`` stops the run at step 3."""
+    proc, run_dir = _nonfinite_run(tiny_data, runs_root, "nan_losses", "checkpoint.every=100",
+                                   "train.max_nonfinite_steps=2")
+    assert proc.returncode == 3, th.describe(proc)
+    assert "step 2: non-finite loss, update skipped (1 in a row, 1 in total)" in proc.stdout, th.describe(proc)
+    assert "step 3: non-finite loss, update skipped (2 in a row, 2 in total)" in proc.stdout
+    assert "stopping: 2 consecutive non-finite losses (train.max_nonfinite_steps=2)" in proc.stdout
+    assert "step 4" not in proc.stdout
+    losses = th.losses(run_dir)
+    assert sorted(losses) == [1, 2, 3] and math.isfinite(losses[1]), losses
+    assert all(losses[s] is None or math.isnan(losses[s]) for s in (2, 3)), losses  # JSON null or NaN
+    assert th.metrics(run_dir)[-1]["train/skipped_steps"] == 2
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_last_good_checkpoint_stays_latest_after_a_divergence(tiny_data, runs_root):
+    """A run whose weights blow up after a few good steps: AdamW's decoupled decay with
+    ``optim.weight_decay=1e6`` multiplies every weight by ``1 - lr * 1e6`` (-499, then -999) per step.
+    Every good step is saved (checkpoint.every=1); at the first step whose loss or weights are not
+    finite the run stops with exit 3 and ``latest`` still names the step before, with finite weights.
+    (An ``optim.eps=0`` override on resume would not do: the optimizer's hyperparameters are restored
+    from the checkpoint.)"""
+    name = "diverge_late"
     run_dir = runs_root / name
     proc = th.run("recipes/quickstart.yaml", th.tiny_overrides(
-        tiny_data, runs_root, name, "optim.eps=0", "engine.zero_stage=0", "train.max_steps=10",
-        "train.max_nonfinite_steps=2", "checkpoint.every=1", "checkpoint.keep_last=5"))
+        tiny_data, runs_root, name, "optim.weight_decay=1e6", "engine.zero_stage=0", "train.max_steps=40",
+        "train.max_nonfinite_steps=5", "checkpoint.every=1", "checkpoint.keep_last=0"))
     assert proc.returncode == 3, th.describe(proc)
-    assert "stopping: 2 consecutive non-finite losses (train.max_nonfinite_steps=2)" in proc.stdout
-    assert "step 2: non-finite loss, update skipped (1 in a row, 1 in total)" in proc.stdout
-    losses = th.losses(run_dir)
-    assert sorted(losses) == [1, 2, 3] and math.isfinite(losses[1]) and losses[2] is None and losses[3] is None
-    assert th.metrics(run_dir)[-1]["train/skipped_steps"] == 2
-    # step 2 was saved (cadence) after its vetoed update; step 3 stopped the run before any save
+    stops = re.findall(r"stopping at step (\d+): " + re.escape(NO_CHECKPOINT), proc.stdout)
+    assert len(stops) == 1, th.describe(proc)
+    bad = int(stops[0])
+    assert 1 < bad < 40, th.describe(proc)  # a good checkpoint first (step 3 today), then a real divergence
+    assert max(th.losses(run_dir)) == bad
     ckpt = run_dir / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000000001", "step_0000000002"]
-    assert (ckpt / "latest").read_text().strip() == "step_0000000002"
-    one, two = th.ds_tensors(th.step_dir(run_dir, 1)), th.ds_tensors(th.step_dir(run_dir, 2))
-    assert any(k.endswith("exp_avg_sq") for k in one), sorted(one)[:10]
-    assert any(torch.isnan(t).any() for t in one.values())  # the eps=0 update really produced NaN
-    _assert_bitwise(one, two, "weights + Adam state after the vetoed step")
-    state = th.rank_state(th.step_dir(run_dir, 2))
-    assert (state["num_nonfinite"], state["total_skipped"]) == (1, 1)
-
-
-def _assert_bitwise(a: dict, b: dict, what: str) -> None:
-    """Bitwise equality that treats NaN == NaN (same bit pattern)."""
-    assert a.keys() == b.keys(), what
-    for key in a:
-        x, y = a[key], b[key]
-        if x.is_floating_point():
-            x, y = x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)
-        assert torch.equal(x, y), f"{what}: {key}"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest"] + [f"step_{s:010d}" for s in range(1, bad)]
+    assert (ckpt / "latest").read_text() == f"step_{bad - 1:010d}\n"
+    last_good = th.step_dir(run_dir, bad - 1)
+    tensors = th.ds_tensors(last_good)
+    weights = [k for k in tensors if "module" in k and tensors[k].is_floating_point()]
+    assert any(k.endswith("exp_avg_sq") for k in tensors) and weights, sorted(tensors)[:10]
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    state = th.rank_state(last_good)
+    assert (state["step"], state["num_nonfinite"]) == (bad - 1, 0)
 
 
 def test_architecture_change_on_resume_is_refused_naming_the_field(straight_1rank, tiny_data, tmp_path):
@@ -120,3 +158,22 @@ def test_architecture_change_on_resume_is_refused_naming_the_field(straight_1ran
     ckpt = root / straight_1rank.name / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_0000000004"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000000003", "step_0000000004"]
+
+
+def test_resume_applies_the_current_recipes_optimizer_settings(straight_1rank, tiny_data, tmp_path):
+    """``optim.*`` may change on resume (lower the LR after a spike): the new peak LR and AdamW
+    settings apply, although the checkpoint restores the optimizer's saved param groups."""
+    root = tmp_path / "runs"
+    shutil.copytree(straight_1rank, root / straight_1rank.name)
+    before = th.metrics(root / straight_1rank.name)[-1]["train/lr"]
+    overrides = th.tiny_overrides(tiny_data, root, straight_1rank.name, *RESUME_1RANK, "train.max_steps=6",
+                                  f"optim.lr={before / 4}", "optim.weight_decay=0.5")
+    proc = th.run("recipes/quickstart.yaml", overrides)
+    assert proc.returncode == 0, th.describe(proc)
+    assert "resume from" in proc.stdout, th.describe(proc)
+    after = th.metrics(root / straight_1rank.name)[-1]
+    assert after["step"] == 6 and after["train/lr"] == pytest.approx(before / 4, rel=1e-12)
+    groups = torch.load(th.step_dir(root / straight_1rank.name, 6) / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                        map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    saved = groups["base_optimizer_state"]["param_groups"] if "base_optimizer_state" in groups else groups["param_groups"]
+    assert all(g["weight_decay"] == 0.5 for g in saved)

@@ -79,13 +79,14 @@ def _first_device(params: list[Any]) -> torch.device | None:
 
 
 class _ClosedFormLR(LRScheduler):
-    """Base: ``lr_i(s)`` a closed-form function of the step ``s``; state is only the step counter and base LRs.
+    """Base: ``lr_i(s)`` a closed-form function of the step ``s``; the state is only the position.
 
-    ``state_dict`` deliberately excludes the config, so a resumed run keeps the *current* recipe's
-    schedule settings and only the position (``last_epoch``) comes from the checkpoint.
+    ``state_dict`` deliberately excludes the config and the base LRs, so a resumed run keeps the
+    *current* recipe's schedule and peak LR (``optim.lr``); only ``last_epoch`` comes from the
+    checkpoint.
     """
 
-    _STATE_KEYS = ("last_epoch", "base_lrs", "_last_lr", "_step_count")
+    _STATE_KEYS = ("last_epoch", "_step_count")
 
     def lrs_at(self, step: int) -> list[float]:  # pragma: no cover - abstract
         """Learning rate of every param group after ``step`` optimizer steps."""
@@ -103,6 +104,17 @@ class _ClosedFormLR(LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self.lrs_at(self.last_epoch)):
             group["lr"] = lr
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Any) -> None:
+    """Write the recipe's AdamW settings into ``optimizer``'s param groups (after a checkpoint load).
+
+    ``Optimizer.load_state_dict`` restores the saved ``param_groups``, so without this a resumed run
+    would silently keep the old ``betas``/``eps``/``weight_decay`` and peak LR (``initial_lr``)
+    whatever the recipe says; the moments and step counts are kept.
+    """
+    for group in optimizer.param_groups:
+        group.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, initial_lr=cfg.lr)
 
 
 def _warmup(step: int, warmup_steps: int) -> float:

@@ -1,7 +1,8 @@
 """The non-finite veto of ``TrainStep`` with a real DeepSpeed engine (gloo, CPU, one in-process rank).
 
 A network that returns NaN logits on demand (a differentiable NaN: the backward fills the gradients
-with NaN, as a real blow-up would) makes one optimizer step non-finite. The step must leave the
+with NaN, as a real blow-up would), or an objective whose loss is NaN while its gradients stay finite
+(which ZeRO's own overflow check cannot see), makes one optimizer step non-finite. The step must leave the
 weights, Adam's moments and step count and the EMA bitwise unchanged and report ``skipped``; the next
 finite step must then produce exactly the weights of a run that never saw the poisoned step.
 """
@@ -47,7 +48,7 @@ class PoisonableNetwork(torch.nn.Module, _Plan):
 
 class PoisonableObjective(_Plan):
     """``objective`` unchanged, except that a call whose plan flag is True adds a constant NaN to the
-    loss: the loss is non-finite while every gradient stays finite, so DeepSpeed's own overflow
+    loss (and its logged sum): the loss is non-finite while every gradient stays finite, so DeepSpeed's own overflow
     check (ZeRO >= 1) sees nothing and only ``TrainStep``'s veto can stop the update."""
 
     def __init__(self, objective) -> None:
@@ -56,7 +57,9 @@ class PoisonableObjective(_Plan):
 
     def __call__(self, *args):
         out = self.objective(*args)
-        return out._replace(loss=out.loss + float("nan")) if self._poison_now() else out
+        if not self._poison_now():
+            return out
+        return out._replace(loss=out.loss + float("nan"), loss_sum=out.loss_sum + float("nan"))
 
 
 def _cfg(stage: int, warmup_steps: int):
@@ -175,8 +178,9 @@ def test_vetoed_step_leaves_weights_adam_state_and_ema_bitwise_unchanged(dist_gr
     updated = _snapshot(engine, optimizer, ema)
     weights = [k for k in before if k.startswith("module/")]
     trained_by_step_0 = [k for k in weights if not torch.equal(initial[k], before[k])]
-    assert "module/inner.embedding.weight" in trained_by_step_0
-    assert [k for k in weights if not torch.equal(before[k], updated[k])] == trained_by_step_0
+    trained_by_step_2 = [k for k in weights if not torch.equal(before[k], updated[k])]
+    # the DiT's output layer starts at zero (adaLN-zero), so step 0 moves only that layer
+    assert trained_by_step_0 and set(trained_by_step_0) < set(trained_by_step_2), trained_by_step_2
 
     # A run that never saw step 1 reaches exactly the same state (constant LR: warmup_steps=0):
     # no gradient, moment, Adam step count or EMA trace of the vetoed step survives.

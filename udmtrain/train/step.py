@@ -1,0 +1,124 @@
+"""One optimizer step through the DeepSpeed engine, with a veto for non-finite losses."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+from udmtrain.train.components import Components, NetworkCall
+
+
+def _micro_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A per-(step, rank, micro-batch) seed for the corruption noise: resume-exact without RNG state."""
+    return (seed * 1_000_003 + step) * 65_537 + rank * 257 + micro
+
+
+def make_skippable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Let the trainer veto one optimizer update (non-finite loss) without touching Adam's state.
+
+    DeepSpeed calls ``optimizer.step()`` on the client optimizer (ZeRO hands it the fp32 partitions);
+    with ``optimizer.skip_next = True`` that call returns at once, so neither the weights nor the
+    moments nor Adam's step count change. The LR schedule still advances by one step.
+    """
+    inner_step = optimizer.step
+    optimizer.skip_next = False
+
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return inner_step(*args, **kwargs)
+
+    # A bound method, as torch's LR schedulers expect (they wrap ``optimizer.step.__func__``).
+    optimizer.step = types.MethodType(step, optimizer)
+    return optimizer
+
+
+class TrainStep:
+    """One optimizer step: ``accumulation`` micro-batches through the DeepSpeed engine.
+
+    Times: the global stratified vector of step ``step`` (SPEC 3), sliced at
+    ``(micro_index * world + rank) * micro_batch``; corruption noise from a generator seeded by
+    (seed, step, rank, micro_index). A non-finite loss on any rank vetoes the update on every rank.
+    """
+
+    def __init__(self, *, engine: Any, objective: Any, components: Components, cfg: Any, rank: int,
+                 world_size: int, device: torch.device, timer: Any, optimizer: Any, ema: Any = None) -> None:
+        from udmtrain.engine import deepspeed_engine as dse
+
+        self.dse = dse
+        self.engine, self.objective, self.components = engine, objective, components
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
+        self.timer, self.ema, self.optimizer = timer, ema, optimizer
+        self.micro = cfg.engine.micro_batch_size
+        self.global_batch = cfg.engine.global_batch_size
+        self.accumulation = self.global_batch // (self.micro * world_size)
+        self.network = NetworkCall(engine, cfg.engine.precision, device, components.is_diffusion)
+        self.time_kind = getattr(cfg.loss.cfg, "time_sampling", "antithetic")
+        self.eps = getattr(cfg.schedule.cfg, "eps", 1e-3) if cfg.schedule is not None else 0.0
+        self.last_grad_norm: float | None = None
+
+    def _times(self, step: int, micro_index: int) -> torch.Tensor | None:
+        if not self.components.is_diffusion:
+            return None
+        from udmtrain.diffusion.time_sampling import sample_times
+
+        start = (micro_index * self.world + self.rank) * self.micro
+        return sample_times(self.time_kind, self.global_batch, step, self.cfg.run.seed, self.eps, start,
+                            self.micro).to(self.device)
+
+    def __call__(self, batches: Any, step: int):
+        from udmtrain.train.trainer import StepResult
+
+        sums = torch.zeros(3, dtype=torch.float64)  # loss_sum, nelbo_sum, tokens
+        finite = True
+        for micro_index in range(self.accumulation):
+            with self.timer("data"):
+                batch = next(batches)
+                x0_BL = batch["input_ids"].to(self.device, non_blocking=True)
+                valid_BL = batch["valid"].to(self.device, non_blocking=True)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_micro_seed(self.cfg.run.seed, step, self.rank, micro_index))
+            with self.timer("forward"):
+                out = self.objective(self.network, x0_BL, valid_BL, self._times(step, micro_index), gen)
+            finite = finite and bool(torch.isfinite(out.loss).item())
+            with self.timer("backward"):
+                self.engine.backward(out.loss)
+            sums += torch.stack([out.loss_sum.double().cpu(), out.nelbo_sum.double().cpu(),
+                                 out.num_tokens.double().cpu()])
+            if micro_index == self.accumulation - 1:
+                finite = self._all_ranks_finite(finite)
+                self.optimizer.skip_next = not finite
+            with self.timer("optimizer"):
+                norm = self.dse.step(self.engine)
+        self.last_grad_norm = norm if finite else None
+        if finite and self.ema is not None:
+            with self.timer("optimizer"), self.dse.gathered_parameters(self.engine.module):
+                self.ema.update(self.engine.module)
+        totals = self._all_reduce_sum(sums)
+        tokens = max(totals[2].item(), 1.0)
+        return StepResult(loss=totals[0].item() / tokens, nelbo=totals[1].item() / tokens,
+                          num_tokens=int(totals[2].item()), skipped=not finite)
+
+    def _all_ranks_finite(self, finite: bool) -> bool:
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized() or tdist.get_world_size() == 1:
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self._comm_device())
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized() or tdist.get_world_size() == 1:
+            return values
+        buf = values.to(self._comm_device())
+        tdist.all_reduce(buf)
+        return buf.cpu()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
