@@ -2,7 +2,7 @@
 # The one-command demo: install (if needed), build the offline demo data and tokenizer, train a tiny
 # AUDM model and an AR judge through the deepspeed launcher, then eval_ppl and gen_ppl.
 #
-#   bash tools/quickstart.sh                 # ~5-10 minutes on 2 CPU cores, no network but PyPI
+#   bash tools/quickstart.sh                 # ~5 minutes on 2 CPU cores (fresh clone, install included), no network but PyPI
 #   NUM_PROCS=2 bash tools/quickstart.sh     # the same with two data-parallel CPU ranks (gloo)
 #
 # Everything lands in data/demo/ and runs/quickstart-*/; re-running skips what is already done.
