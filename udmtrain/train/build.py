@@ -16,13 +16,13 @@ import torch
 from udmtrain.train.components import (  # noqa: F401 (re-exported: the public build API)
     Components, NetworkCall, autocast_context, build_components, build_sampler, resolve_vocab_size)
 from udmtrain.train.evaluate import Evaluator, ar_nll_fn, ema_weights, nelbo_fn  # noqa: F401
-from udmtrain.train.step import TrainStep, make_skippable  # noqa: F401
+from udmtrain.train.step import TrainStep, make_skippable, skip_with_optimizer
 from udmtrain.utils.dist import print0
 
 __all__ = [  # the public build API (tools and tests import these from here)
     "Components", "Evaluator", "NetworkCall", "Run", "TrainStep", "ar_nll_fn", "autocast_context",
     "build_components", "build_sampler", "build_trainer", "ema_weights", "make_skippable", "nelbo_fn",
-    "resolve_vocab_size", "run_dir_for",
+    "resolve_vocab_size", "run_dir_for", "skip_with_optimizer",
 ]
 
 
@@ -75,10 +75,13 @@ def build_trainer(cfg: Any) -> Run:
         created.append(make_skippable(builder(params)))
         return created[-1]
 
-    engine = dse.create_engine(
-        components.model, make_optimizer,
-        build_lr_schedule(cfg.lr_schedule.name, cfg.lr_schedule.cfg, cfg.train.max_steps),
-        dse.build_ds_config(cfg.engine, world), compile=cfg.engine.compile)
+    schedule = build_lr_schedule(cfg.lr_schedule.name, cfg.lr_schedule.cfg, cfg.train.max_steps)
+
+    def make_lr_schedule(optimizer):
+        return skip_with_optimizer(schedule(optimizer), optimizer)
+
+    engine = dse.create_engine(components.model, make_optimizer, make_lr_schedule,
+                               dse.build_ds_config(cfg.engine, world), compile=cfg.engine.compile)
     ema = None
     if cfg.train.ema_decay > 0:
         with dse.gathered_parameters(engine.module):

@@ -20,20 +20,41 @@ def make_skippable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
     DeepSpeed calls ``optimizer.step()`` on the client optimizer (ZeRO hands it the fp32 partitions);
     with ``optimizer.skip_next = True`` that call returns at once, so neither the weights nor the
-    moments nor Adam's step count change. The LR schedule still advances by one step.
+    moments nor Adam's step count change, and ``optimizer.vetoed`` tells the LR schedule (see
+    ``skip_with_optimizer``) not to advance either — the same as DeepSpeed's own overflow skip.
     """
     inner_step = optimizer.step
     optimizer.skip_next = False
+    optimizer.vetoed = False
 
     def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         if self.skip_next:
             self.skip_next = False
+            self.vetoed = True
             return None
         return inner_step(*args, **kwargs)
 
     # A bound method, as torch's LR schedulers expect (they wrap ``optimizer.step.__func__``).
     optimizer.step = types.MethodType(step, optimizer)
     return optimizer
+
+
+def skip_with_optimizer(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """Make ``scheduler.step()`` a no-op right after ``optimizer`` vetoed its update.
+
+    So a skipped step never moves the LR schedule, whoever skipped it (our veto or, under ZeRO >= 1
+    with non-finite gradients, DeepSpeed's overflow check, which skips the scheduler itself).
+    """
+    inner_step = scheduler.step
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(optimizer, "vetoed", False):
+            optimizer.vetoed = False
+            return None
+        return inner_step(*args, **kwargs)
+
+    scheduler.step = types.MethodType(step, scheduler)
+    return scheduler
 
 
 class TrainStep:

@@ -16,7 +16,7 @@ from udmtrain.config import load_recipe
 from udmtrain.engine import deepspeed_engine as dse
 from udmtrain.engine.optim import build_lr_schedule, build_optimizer
 from udmtrain.models.ema import EMA
-from udmtrain.train.build import TrainStep, build_components, make_skippable
+from udmtrain.train.build import TrainStep, build_components, make_skippable, skip_with_optimizer
 from udmtrain.train.metrics import StepTimer
 
 VOCAB, SEQ = 37, 16
@@ -84,8 +84,8 @@ def _setup(stage: int, warmup_steps: int = 0):
         created.append(make_skippable(builder(params)))
         return created[-1]
 
-    engine = dse.create_engine(net, make_optimizer,
-                               build_lr_schedule(cfg.lr_schedule.name, cfg.lr_schedule.cfg, cfg.train.max_steps),
+    schedule = build_lr_schedule(cfg.lr_schedule.name, cfg.lr_schedule.cfg, cfg.train.max_steps)
+    engine = dse.create_engine(net, make_optimizer, lambda opt: skip_with_optimizer(schedule(opt), opt),
                                dse.build_ds_config(cfg.engine, 1))
     ema = EMA(engine.module, decay=0.5)
     objective = PoisonableObjective(components.objective)
@@ -190,19 +190,22 @@ def test_vetoed_step_leaves_weights_adam_state_and_ema_bitwise_unchanged(dist_gr
     _assert_same(_snapshot(ref_engine, ref_optimizer, ref_ema), updated, "vetoed run vs. a run without the step")
 
 
-@pytest.mark.parametrize("stage, which, advances", [
+@pytest.mark.parametrize("stage, which, client_veto", [
     (0, "logits", True),   # stage 0 fp32: only the client optimizer's veto acts; DeepSpeed sees a normal step
     (2, "loss", True),     # finite gradients: DeepSpeed sees no overflow, the client veto acts
-    (2, "logits", False),  # NaN gradients: ZeRO's own overflow check skips the step *and* the LR scheduler
+    (2, "logits", False),  # NaN gradients: ZeRO's own overflow check skips the step and the LR scheduler
 ])
-def test_lr_schedule_position_after_a_vetoed_step(dist_group, stage, which, advances):
+def test_lr_schedule_position_after_a_vetoed_step(dist_group, stage, which, client_veto):
     """``constant_warmup`` with 4 warmup steps: ``lr = 1e-2 * min(1, (s + 1) / 4)`` after ``s`` scheduler
-    steps. Whether a vetoed step moves the schedule depends on who vetoed it (measured, DeepSpeed 0.19)."""
+    steps. A vetoed step never moves the schedule, whoever vetoed it (``skip_with_optimizer``)."""
     step_fn, engine, optimizer, _, poisons = _setup(stage, warmup_steps=4)
     _run(step_fn, 0)
     assert engine.get_lr()[0] == pytest.approx(1e-2 * 2 / 4)
     poisons[which].plan = [True, True]
     assert _run(step_fn, 1).skipped
-    assert engine.get_lr()[0] == pytest.approx(1e-2 * (3 if advances else 2) / 4)
+    assert engine.get_lr()[0] == pytest.approx(1e-2 * 2 / 4)
     assert all(state["step"].item() == 1 for state in optimizer.state.values())  # Adam counted one update
-    assert optimizer.skip_next is (not advances)  # consumed by the client veto, left set when DeepSpeed skipped
+    assert optimizer.vetoed is False  # consumed by the scheduler when the client veto acted
+    assert optimizer.skip_next is (not client_veto)  # consumed by the client veto, left set when DeepSpeed skipped
+    _run(step_fn, 2)  # the next finite step advances the schedule by exactly one
+    assert engine.get_lr()[0] == pytest.approx(1e-2 * 3 / 4)
