@@ -74,13 +74,16 @@ def _check_data(cfg) -> str | None:
 
 def _prepare_command(cfg) -> str:
     """``python tools/prepare_data.py ...`` writing the recipe's ``data.train_shards`` directory with
-    its tokenizer and ``data.seq_len``; an ``owt``/``openwebtext`` directory gets the hub source."""
+    its tokenizer and ``data.seq_len``; ``owt``/``openwebtext`` gets the hub source, ``demo`` the
+    built-in offline corpus."""
     pattern = str(cfg.data.train_shards)
     out = pattern if os.path.isdir(pattern) or not pattern.endswith(".tar") else (os.path.dirname(pattern) or ".")
     tok_cfg = cfg.tokenizer.cfg
     tokenizer = getattr(tok_cfg, "path", None) or cfg.tokenizer.name
     name = os.path.basename(os.path.normpath(out)).lower()
-    source = "--source hf --hf-name openwebtext" if name in ("owt", "openwebtext") else "--source files --input CORPUS"
+    sources = {"owt": "--source hf --hf-name openwebtext", "openwebtext": "--source hf --hf-name openwebtext",
+               "demo": "--source demo"}
+    source = sources.get(name, "--source files --input CORPUS")
     return f"python tools/prepare_data.py {source} --tokenizer {tokenizer} --seq-len {cfg.data.seq_len} --out {out}"
 
 
