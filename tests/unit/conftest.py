@@ -1,11 +1,12 @@
-"""Engine tests: one in-process gloo group (world size 1) per session; JIT ops cached in .cache/."""
+"""Unit tests: one in-process gloo group (world size 1) per session (engine and train tests);
+DeepSpeed's JIT-built ops cached in .cache/."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[3] / ".cache" / "torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")
