@@ -11,8 +11,9 @@ exact for the joint law as the number of steps grows (then at most one position 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -131,17 +132,22 @@ class AncestralSampler(Sampler):
 
     requires: ClassVar = {}
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The reverse kernel is chosen once, from the process (masked -> MDLM, uniform -> plug-in
+        # bridge fed the LOO, absorbing_uniform -> AUDM carry-over).
+        use_cache = self.cfg.cache and not self.cfg.time_conditioned
+        self.kernel = {
+            "masked": functools.partial(step_mdlm, use_cache=use_cache),
+            "uniform": step_uniform_plugin,
+            "absorbing_uniform": step_audm,
+        }[self.kind]
+
     def generate(self, run: SamplingRun) -> None:
         """Step from t = 1 to t = 0 on the uniform grid with the process's kernel."""
-        use_cache = self.cfg.cache and not self.cfg.time_conditioned
         times = self.time_grid(self.cfg.num_steps)
         for t, s in zip(times[:-1], times[1:]):
-            if self.kind == "masked":
-                step_mdlm(self, run, t, s, use_cache=use_cache)
-            elif self.kind == "uniform":
-                step_uniform_plugin(self, run, t, s)
-            else:
-                step_audm(self, run, t, s)
+            self.kernel(self, run, t, s)
             self.record(run)
 
 

@@ -119,7 +119,8 @@ class Sampler(abc.ABC):
         self.kind = process_kind(process)
         self.num_states = int(process.num_states)
         # number of real tokens (the mask is an extra state of the masked process)
-        self.vocab_size = self.num_states - 1 if self.kind == "masked" else self.num_states
+        self.vocab_size = int(getattr(process, "vocab_size", self.num_states))
+        self.supports_loo = bool(getattr(process, "supports_loo", self.kind == "uniform"))
         self.mask_id = getattr(process, "mask_id", None)
         name = getattr(type(self), "registry_name", type(self).__name__)
         allowed = self.requires.get("process")
@@ -136,8 +137,8 @@ class Sampler(abc.ABC):
             raise ValueError(f"sampler.top_p must be in (0, 1], got {cfg.top_p}")
         mode = cfg.temperature_on
         if mode == "auto":
-            mode = "loo" if self.kind == "uniform" else "denoiser"
-        if mode == "loo" and self.kind != "uniform":
+            mode = "loo" if self.supports_loo else "denoiser"
+        if mode == "loo" and not self.supports_loo:
             raise ValueError(
                 f"sampler.temperature_on='loo' needs the uniform process (the LOO posterior exists "
                 f"only there), got process {self.kind!r}; use 'denoiser' or 'logits'"
