@@ -1,8 +1,10 @@
 """Real DeepSpeed (gloo, CPU, one in-process rank): straight vs save/fresh-engine/load runs agree bitwise."""
 
-from dataclasses import dataclass, field
+import dataclasses
 
 import pytest
+
+from udmtrain.config.schema import EngineSection
 import torch
 
 from udmtrain.engine import deepspeed_engine as dse
@@ -11,17 +13,9 @@ from udmtrain.engine.optim import AdamWBuilder, CosineLR, build_lr_schedule
 D_IN, D_HID, D_OUT = 8, 16, 4
 
 
-@dataclass(frozen=True)
-class Eng:
-    zero_stage: int = 0
-    precision: str = "fp32"
-    micro_batch_size: int = 2
-    global_batch_size: int = 4
-    grad_clip: float = 1.0
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    compile: bool = False
-    deepspeed_extra: dict = field(default_factory=dict)
+def Eng(**overrides):  # noqa: N802 - reads like the section it builds
+    """The real ``engine:`` recipe section with this file's defaults."""
+    return dataclasses.replace(EngineSection(zero_stage=0, precision="fp32", micro_batch_size=2, global_batch_size=4), **overrides)
 
 
 def _engine(stage, precision="fp32", init_seed=0, global_bs=4):
