@@ -29,6 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
+from udmtrain.utils.io import write_text_atomic  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(report, indent=2)
         print(text)
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+            write_text_atomic(args.out, text + "\n")
         for r in results:
             print(f"udmtrain: {r['data']}: nll {r['nll']:.4f} +- {r['nll_stderr']:.4f} | ppl {r['ppl']:.2f} | "
                   f"bpd {r['bpd']:.4f} | {r['num_tokens']:,} tokens", file=sys.stderr)

@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
+from udmtrain.utils.io import write_text_atomic  # noqa: E402
 
 SWEEP_KEYS = {"temperature": float, "top_p": float, "steps": int}
 
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(report, indent=2)
         print(text)
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+            write_text_atomic(args.out, text + "\n")
         print(f"udmtrain: gen_ppl {report['gen_ppl']:.2f} | entropy {report['entropy']:.3f} | "
               f"{report['num_samples']} samples", file=sys.stderr)
         return 0

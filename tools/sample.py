@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
+from udmtrain.utils.io import atomic_open  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="samples per sampler call (default: all)")
     p.add_argument("--prefix", default=None, help="text every sample starts with (clamped, BOS prepended)")
-    p.add_argument("--out", default=None, help="JSONL output (default: <step dir>/samples-seed<K>.jsonl)")
+    p.add_argument("--out", default=None, help="JSONL output (default: <run dir>/samples/<step>-seed<K>.jsonl)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="do not print the samples")
@@ -53,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     drawn = inf.draw_samples(loaded, args.num_samples, args.batch_size or args.num_samples, args.seed,
                              prefix_text=args.prefix)
     settings = inf.sampler_settings(loaded)
-    out = args.out or os.path.join(loaded.step_dir, f"samples-seed{args.seed}.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # Never inside the checkpoint directory: checkpoints are immutable and keep_last prunes them.
+    step_dir = os.path.normpath(str(loaded.step_dir))
+    run_dir = os.path.dirname(os.path.dirname(step_dir))
+    out = args.out or os.path.join(run_dir, "samples", f"{os.path.basename(step_dir)}-seed{args.seed}.jsonl")
     protocol = loaded.protocol()
-    with open(out, "w", encoding="utf-8") as f:
+    with atomic_open(out) as f:
         index = 0
         for batch, (nfe, seed, size) in enumerate(zip(drawn["nfe"], drawn["seeds"], drawn["batch_sizes"])):
             for _ in range(size):
