@@ -129,6 +129,10 @@ class DataSection:
     """Shuffle shard order and samples (seeded by run.seed, epoch, rank, worker); false streams in order."""
     manifest: str | None = None
     """Local path of the shards' manifest.json; needed when the shards are remote URLs (pipe:, http:)."""
+    document_attention: bool = False
+    """Restrict attention (training and validation) to each token's own document, using the shards'
+    per-token document ids. Meaningful with ``wrap`` packing, where a sequence concatenates several
+    documents; the MDLM/UDLM papers' protocol is false (attention spans the whole sequence)."""
 
 
 PLAIN_SECTIONS: dict[str, type] = {

@@ -3,6 +3,10 @@
 Shape legend: ``x0_BL`` LongTensor ``[B, L]``; ``valid_BL`` bool ``[B, L]``; ``t_B`` float ``[B]``.
 The network is any callable ``(xt_BL, sigma_B, noise_BL | None) -> logits_BLV`` (diffusion) or
 ``(x_BL) -> logits_BLV`` (AR); its logits may be bf16 and are upcast to float32 before any math.
+With ``doc_ids_BL`` (LongTensor ``[B, L]``, the loader's per-token document ids, -1 on padding) the
+network is also called with the keyword ``doc_ids_BL=...`` (attention restricted to each token's own
+document, ``data.document_attention``); without it the keyword is not passed at all, so networks
+that do not know it (test oracles) keep working.
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ def _reduce(per_token_BL: Tensor, nelbo_BL: Tensor, mask_BL: Tensor) -> LossOutp
     return LossOutput(loss_sum / num.clamp_min(1), nelbo_sum, loss_sum.detach(), num)
 
 
+def _doc_kwargs(doc_ids_BL: Tensor | None, x_BL: Tensor) -> dict:
+    """``{"doc_ids_BL": ...}`` on ``x_BL``'s device when document ids are given, else ``{}``."""
+    if doc_ids_BL is None:
+        return {}
+    if doc_ids_BL.shape != x_BL.shape:
+        raise ValueError(f"doc_ids_BL has shape {tuple(doc_ids_BL.shape)} but the tokens have shape "
+                         f"{tuple(x_BL.shape)}; pass the batch's 'doc_ids' [B, L]")
+    return {"doc_ids_BL": doc_ids_BL.to(x_BL.device)}
+
+
 class DiffusionObjective:
     """``schedule -> process.corrupt -> network -> loss.per_token``, averaged over valid tokens.
 
@@ -51,19 +65,25 @@ class DiffusionObjective:
         self.schedule, self.process, self.parameterization, self.loss = schedule, process, parameterization, loss
         self.nelbo_loss = nelbo_loss if nelbo_loss is not None else nelbo_loss_for(loss, process)
 
-    def _forward(self, network: Callable, x0_BL: Tensor, t_B: Tensor, generator: torch.Generator | None):
-        """Corrupt ``x0_BL`` at times ``t_B`` and call the network -> the loss arguments (fp32 logits)."""
+    def _forward(self, network: Callable, x0_BL: Tensor, t_B: Tensor, generator: torch.Generator | None,
+                 doc_ids_BL: Tensor | None = None):
+        """Corrupt ``x0_BL`` at times ``t_B`` and call the network -> the loss arguments (fp32 logits).
+
+        ``doc_ids_BL`` (optional ``[B, L]``) is handed to the network as the keyword ``doc_ids_BL``."""
         t_B = t_B.to(device=x0_BL.device, dtype=torch.float64 if t_B.dtype == torch.float64 else torch.float32)
         alpha_B, dalpha_B = self.schedule.alpha(t_B)
         alpha_B1, dalpha_B1 = alpha_B.unsqueeze(-1), dalpha_B.unsqueeze(-1)
         noised = self.process.corrupt(x0_BL, alpha_B1, generator)
-        logits_BLV = upcast(network(noised.xt_BL, self.schedule.sigma(t_B), noised.noise_BL))
+        logits_BLV = upcast(network(noised.xt_BL, self.schedule.sigma(t_B), noised.noise_BL,
+                                    **_doc_kwargs(doc_ids_BL, x0_BL)))
         return (self.parameterization, logits_BLV, x0_BL, noised, alpha_B1, dalpha_B1)
 
     def __call__(self, network: Callable, x0_BL: Tensor, valid_BL: Tensor, t_B: Tensor,
-                 generator: torch.Generator | None = None) -> LossOutput:
-        """One Monte-Carlo NELBO/loss estimate with one time per sequence (``t_B``)."""
-        args = self._forward(network, x0_BL, t_B, generator)
+                 generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None) -> LossOutput:
+        """One Monte-Carlo NELBO/loss estimate with one time per sequence (``t_B``).
+
+        ``doc_ids_BL``: optional per-token document ids ``[B, L]`` for a document attention mask."""
+        args = self._forward(network, x0_BL, t_B, generator, doc_ids_BL)
         per_token_BL = self.loss.per_token(*args)
         if self.nelbo_loss is self.loss:
             nelbo_BL = per_token_BL.detach()
@@ -73,9 +93,11 @@ class DiffusionObjective:
         return _reduce(per_token_BL, nelbo_BL, valid_BL)
 
     def per_token_nelbo(self, network: Callable, x0_BL: Tensor, t_B: Tensor,
-                        generator: torch.Generator | None = None) -> Tensor:
-        """The NELBO integrand ``[B, L]`` at times ``t_B`` (for evaluation; padding is not masked)."""
-        return self.nelbo_loss.per_token(*self._forward(network, x0_BL, t_B, generator))
+                        generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None) -> Tensor:
+        """The NELBO integrand ``[B, L]`` at times ``t_B`` (for evaluation; padding is not masked).
+
+        ``doc_ids_BL``: optional per-token document ids ``[B, L]`` for a document attention mask."""
+        return self.nelbo_loss.per_token(*self._forward(network, x0_BL, t_B, generator, doc_ids_BL))
 
 
 class ARObjective:
@@ -88,7 +110,10 @@ class ARObjective:
         self.loss = loss
 
     def __call__(self, network: Callable, x0_BL: Tensor, valid_BL: Tensor, t_B: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> LossOutput:
-        """``t_B``/``generator`` are accepted (and ignored) so the trainer can call both objectives alike."""
-        nll_BL = self.loss.per_token(network(x0_BL).float(), x0_BL)
+                 generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None) -> LossOutput:
+        """``t_B``/``generator`` are accepted (and ignored) so the trainer can call both objectives alike.
+
+        ``doc_ids_BL``: optional per-token document ids ``[B, L]``, handed to the network as the
+        keyword ``doc_ids_BL`` (causal attention within each token's own document)."""
+        nll_BL = self.loss.per_token(network(x0_BL, **_doc_kwargs(doc_ids_BL, x0_BL)).float(), x0_BL)
         return _reduce(nll_BL, nll_BL.detach(), self.loss.counted(valid_BL))

@@ -91,11 +91,14 @@ def resolve_vocab_size(cfg: Any, manifest: Any | None) -> int:
 
 
 class NetworkCall:
-    """Adapts the engine (or a bare module) to the objective's network signature under autocast."""
+    """Adapts the engine (or a bare module) to the objective's network signature under autocast.
+
+    Keyword arguments (``doc_ids_BL`` with ``data.document_attention``) pass through to the module.
+    """
 
     def __init__(self, module: Callable, precision: str, device: torch.device, diffusion: bool) -> None:
         self.module, self.precision, self.device, self.diffusion = module, precision, device, diffusion
 
-    def __call__(self, *args: Any) -> torch.Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         with autocast_context(self.precision, self.device):
-            return self.module(*args)
+            return self.module(*args, **kwargs)

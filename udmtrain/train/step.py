@@ -57,12 +57,27 @@ def skip_with_optimizer(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any
     return scheduler
 
 
+def doc_ids_kwargs(batch: Any, enabled: bool, device: torch.device) -> dict:
+    """``{"doc_ids_BL": batch["doc_ids"]}`` (on ``device``) when ``enabled``, else ``{}``.
+
+    Passing nothing when off keeps objectives (and wrappers of them) without the keyword working.
+    """
+    if not enabled:
+        return {}
+    if "doc_ids" not in batch:
+        raise KeyError(f"data.document_attention is true but the batch has no 'doc_ids' (keys: "
+                       f"{sorted(batch)}); use shards written by tools/prepare_data.py or set "
+                       "data.document_attention=false")
+    return {"doc_ids_BL": batch["doc_ids"].to(device, non_blocking=True)}
+
+
 class TrainStep:
     """One optimizer step: ``accumulation`` micro-batches through the DeepSpeed engine.
 
     Times: the global stratified vector of step ``step`` (SPEC 3), sliced at
     ``(micro_index * world + rank) * micro_batch``; corruption noise from a generator seeded by
     (seed, step, rank, micro_index). A non-finite loss on any rank vetoes the update on every rank.
+    With ``data.document_attention`` the batch's ``doc_ids`` go to the objective as ``doc_ids_BL``.
     """
 
     def __init__(self, *, engine: Any, objective: Any, components: Components, cfg: Any, rank: int,
@@ -76,6 +91,7 @@ class TrainStep:
         self.micro = cfg.engine.micro_batch_size
         self.global_batch = cfg.engine.global_batch_size
         self.accumulation = self.global_batch // (self.micro * world_size)
+        self.doc_attention = bool(cfg.data.document_attention)
         self.network = NetworkCall(engine, cfg.engine.precision, device, components.is_diffusion)
         self.time_kind = getattr(cfg.loss.cfg, "time_sampling", "antithetic")
         self.eps = getattr(cfg.schedule.cfg, "eps", 1e-3) if cfg.schedule is not None else 0.0
@@ -100,10 +116,12 @@ class TrainStep:
                 batch = next(batches)
                 x0_BL = batch["input_ids"].to(self.device, non_blocking=True)
                 valid_BL = batch["valid"].to(self.device, non_blocking=True)
+                doc_kwargs = doc_ids_kwargs(batch, self.doc_attention, self.device)
             gen = torch.Generator(device=self.device)
             gen.manual_seed(_micro_seed(self.cfg.run.seed, step, self.rank, micro_index))
             with self.timer("forward"):
-                out = self.objective(self.network, x0_BL, valid_BL, self._times(step, micro_index), gen)
+                out = self.objective(self.network, x0_BL, valid_BL, self._times(step, micro_index), gen,
+                                     **doc_kwargs)
             finite = finite and bool(torch.isfinite(out.loss).item())
             with self.timer("backward"):
                 self.engine.backward(out.loss)
