@@ -86,6 +86,7 @@ def evaluate(loaded: inf.Loaded, spec: str, args, rank: int, world: int) -> dict
     from udmtrain.data.loader import build_valid_loader
     from udmtrain.eval.ppl import estimate_nelbo, exact_ar_nll, torch_all_reduce_sum
     from udmtrain.train.build import ar_nll_fn, nelbo_fn
+    from udmtrain.train.evaluate import doc_batch_kwargs
 
     cfg = loaded.cfg
     data_cfg = dataclasses.replace(cfg.data, valid_shards=spec)
@@ -95,14 +96,17 @@ def evaluate(loaded: inf.Loaded, spec: str, args, rank: int, world: int) -> dict
                for b in itertools.islice(loader, args.max_batches))
     reduce = torch_all_reduce_sum if world > 1 else None
     protocol = {"data": spec, "manifest": check_data(spec, loaded), "batch_size_per_rank": batch_size,
-                "max_batches": args.max_batches, "world_size": world, **loaded.protocol()}
+                "max_batches": args.max_batches, "world_size": world,
+                "document_attention": bool(doc_batch_kwargs(cfg)), **loaded.protocol()}
     network = loaded.network()
     if loaded.components.is_diffusion:
         K = args.num_t_samples or cfg.eval.num_t_samples
         eps = float(getattr(cfg.schedule.cfg, "eps", 1e-3))
         return estimate_nelbo(nelbo_fn(loaded.components, network), batches, num_t_samples=K, seed=args.seed,
+                              batch_kwargs=doc_batch_kwargs(loaded.cfg),
                               eps=eps, method=args.method, all_reduce_sum=reduce, rank=rank, protocol=protocol)
-    return exact_ar_nll(ar_nll_fn(loaded.components, network), batches, all_reduce_sum=reduce, protocol=protocol)
+    return exact_ar_nll(ar_nll_fn(loaded.components, network), batches, all_reduce_sum=reduce, protocol=protocol,
+                        batch_kwargs=doc_batch_kwargs(loaded.cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ def test_tiny_shards_pack_several_documents_per_sequence(tiny_data):
 def test_diffusion_document_attention_changes_only_the_evaluation(tiny_data, runs_root):
     """AUDM quickstart (DiT), default seed: no row of the first 2 training steps spans two documents, so
     training is identical with the mask on and off, and the validation NELBO differs only through the
-    evaluation path (``Evaluator`` -> ``nelbo_fn`` -> ``BatchDocIds``). The DiT's head is still small after
+    evaluation path (``Evaluator`` -> ``estimate_nelbo(batch_kwargs)`` -> ``nelbo_fn``). The DiT's head is still small after
     2 steps, so the difference is small (~3e-6 nats), but far above fp32 rounding of a mean over
     ~4,500 tokens (~1e-8)."""
     runs = [_check_finite(_run(tiny_data, runs_root, "quickstart.yaml", f"docattn_audm_{on}",

@@ -71,6 +71,17 @@ def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x_BL.long(), valid_BL.bool()
 
 
+def _batch_kwargs(batch: Any, batch_kwargs: Mapping[str, str], index: int) -> dict[str, Any]:
+    """``{keyword: batch[key]}`` for the per-batch extras a function needs (e.g. ``doc_ids``)."""
+    if not batch_kwargs:
+        return {}
+    if not isinstance(batch, Mapping) or any(key not in batch for key in batch_kwargs.values()):
+        have = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise KeyError(f"evaluation batch {index} lacks {sorted(batch_kwargs.values())} (has {have}); "
+                       "use loader batches from shards written by tools/prepare_data.py")
+    return {kw: batch[key] for kw, key in batch_kwargs.items()}
+
+
 def gauss_legendre_times(num_nodes: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes ``t_k`` in [eps, 1] and weights ``w_k`` (sum 1) with
     ``1/(1-eps) int_eps^1 f(t) dt ~= sum_k w_k f(t_k)`` (exact for polynomials of degree <= 2K-1).
@@ -146,7 +157,8 @@ def _check_finite(value_BL: torch.Tensor, valid_BL: torch.Tensor, what: str, ind
 @torch.no_grad()
 def estimate_nelbo(nelbo_fn: NelboFn, batches: Iterable[Any], *, num_t_samples: int = 1, seed: int = 0,
                    eps: float = 1e-3, method: str = "mc", all_reduce_sum: AllReduceSum | None = None,
-                   rank: int | None = None, protocol: Mapping[str, Any] | None = None) -> dict:
+                   rank: int | None = None, protocol: Mapping[str, Any] | None = None,
+                   batch_kwargs: Mapping[str, str] | None = None) -> dict:
     """Token-weighted NELBO bound ``nll = sum_x NELBO(x) / #valid tokens`` with its standard error.
 
     ``nelbo_fn(x0_BL, valid_BL, t_B, generator) -> [B, L]`` is called K times per batch (once per
@@ -154,8 +166,9 @@ def estimate_nelbo(nelbo_fn: NelboFn, batches: Iterable[Any], *, num_t_samples: 
     (``{"input_ids", "valid"}``) or bare ``[B, L]`` tensors. ``all_reduce_sum`` makes it run on N ranks
     (every rank passes its own shard of batches; the statistics are summed once at the end).
     ``protocol`` (e.g. ``{"ema": True, "checkpoint": ...}``) is merged into the returned record, which
-    also lists every estimator choice (method, K, eps, seed, counts). See the module docstring for
-    the estimator and the delta-method standard error.
+    also lists every estimator choice (method, K, eps, seed, counts). ``batch_kwargs`` maps extra
+    ``nelbo_fn`` keywords to batch keys (``{"doc_ids_BL": "doc_ids"}`` for document attention). See
+    the module docstring for the estimator and the delta-method standard error.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -174,6 +187,7 @@ def estimate_nelbo(nelbo_fn: NelboFn, batches: Iterable[Any], *, num_t_samples: 
         nodes_K, weights_K = gauss_legendre_times(K, eps)
     for index, batch in enumerate(batches):
         x0_BL, valid_BL = _split_batch(batch, index)
+        extra = _batch_kwargs(batch, batch_kwargs or {}, index)
         B, device = x0_BL.shape[0], x0_BL.device
         if generator is None:  # created on the data's device so nelbo_fn can draw noise there
             generator = torch.Generator(device=device).manual_seed(_rank_seed(seed, rank))
@@ -186,7 +200,7 @@ def estimate_nelbo(nelbo_fn: NelboFn, batches: Iterable[Any], *, num_t_samples: 
             w_K = weights_K
         seq_sum_B = torch.zeros(B, dtype=torch.float64, device=device)
         for k in range(K):
-            nelbo_BL = nelbo_fn(x0_BL, valid_BL, t_BK[:, k].contiguous(), generator)
+            nelbo_BL = nelbo_fn(x0_BL, valid_BL, t_BK[:, k].contiguous(), generator, **extra)
             if nelbo_BL.shape != x0_BL.shape:
                 raise ValueError(f"nelbo_fn returned shape {tuple(nelbo_BL.shape)} for a batch of "
                                  f"shape {tuple(x0_BL.shape)}; it must return the per-token NELBO [B, L]")
@@ -206,19 +220,19 @@ def estimate_nelbo(nelbo_fn: NelboFn, batches: Iterable[Any], *, num_t_samples: 
 
 @torch.no_grad()
 def exact_ar_nll(nll_fn: NllFn, batches: Iterable[Any], *, all_reduce_sum: AllReduceSum | None = None,
-                 protocol: Mapping[str, Any] | None = None) -> dict:
+                 protocol: Mapping[str, Any] | None = None, batch_kwargs: Mapping[str, str] | None = None) -> dict:
     """Exact token-weighted NLL of an autoregressive model: ``nll = sum NLL / #counted tokens``.
 
     ``nll_fn(x_BL, valid_BL)`` returns the per-token NLL ``[B, L]`` (position l = -log p(x_l | x_<l)),
     or a pair ``(nll_BL, scored_BL)`` when some valid positions are not predicted (e.g. the first token
     when there is no BOS); counted tokens are ``valid & scored``. Same record as ``estimate_nelbo``
-    (stderr over sequences), with ``estimator = "exact_ar"``.
+    (stderr over sequences), with ``estimator = "exact_ar"``; ``batch_kwargs`` as in ``estimate_nelbo``.
     """
     stats_S = torch.zeros(len(_STATS), dtype=torch.float64)
     stats_S[_STATS.index("num_ranks")] = 1.0
     for index, batch in enumerate(batches):
         x_BL, valid_BL = _split_batch(batch, index)
-        out = nll_fn(x_BL, valid_BL)
+        out = nll_fn(x_BL, valid_BL, **_batch_kwargs(batch, batch_kwargs or {}, index))
         nll_BL, scored_BL = (out if isinstance(out, tuple) else (out, valid_BL))
         if nll_BL.shape != x_BL.shape or scored_BL.shape != x_BL.shape:
             raise ValueError(f"nll_fn returned shapes {tuple(nll_BL.shape)}/{tuple(scored_BL.shape)} for a "
