@@ -122,6 +122,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+STALE_LOCK_SECONDS = 600
+"""A JIT-build lock older than this is left by a killed build (one takes 20-45 s on CPU)."""
+
+
+def remove_stale_build_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[str]:
+    """Delete torch-extension build locks abandoned by a killed process; returns what was removed.
+
+    ``init_distributed`` JIT-builds DeepSpeed's shared-memory comm op under ``TORCH_EXTENSIONS_DIR``;
+    torch guards the build with a ``lock`` file and waits for it *forever*, so one Ctrl-C during the
+    first build would hang every later run silently. Only rank 0 (or a single process) removes.
+    """
+    import glob
+    import time
+
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return []
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        root = os.path.dirname(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    removed = []
+    for lock in glob.glob(os.path.join(root, "*", "lock")):
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                print(f"udmtrain: removed a stale JIT build lock {lock} (left by a killed build)", flush=True)
+    return removed
+
+
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
     """Initialise the process group (idempotent) and return ``(rank, world_size, device)``.
 
@@ -142,6 +173,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not (tdist.is_available() and tdist.is_initialized()):
+        remove_stale_build_locks()
         _ds().init_distributed(dist_backend=backend)
     return tdist.get_rank(), tdist.get_world_size(), device_for(local_rank, backend)
 

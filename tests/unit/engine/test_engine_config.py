@@ -69,3 +69,22 @@ def test_deepspeed_extra_deep_merges_and_guards_batch_keys():
     assert build_ds_config(Eng(deepspeed_extra={"train_batch_size": 32}), 1)["train_batch_size"] == 32
     with pytest.raises(ValueError, match="deepspeed_extra.train_batch_size=64 contradicts the derived value 32"):
         build_ds_config(Eng(deepspeed_extra={"train_batch_size": 64}), 1)
+
+
+def test_stale_jit_build_locks_are_removed_fresh_ones_kept(tmp_path, monkeypatch):
+    # A killed first run leaves TORCH_EXTENSIONS_DIR/<op>/lock and torch would wait on it forever.
+    import os
+    import time
+
+    from udmtrain.engine.deepspeed_engine import STALE_LOCK_SECONDS, remove_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    assert remove_stale_build_locks() == [str(stale)]
+    assert not stale.exists() and fresh.exists()
