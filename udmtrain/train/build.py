@@ -119,7 +119,7 @@ def build_trainer(cfg: Any) -> Run:
     def weights_finite() -> bool:
         # Each rank checks what it holds (ZeRO-3: its partition), then all ranks agree.
         local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-        return step_fn._all_ranks_finite(local)
+        return dse.all_ranks_agree(local)
 
     signals = GracefulExit().__enter__()
     trainer = Trainer(

@@ -227,12 +227,12 @@ class Checkpointer:
             torch.save(state, tmp / f"rank{rank}_state.pt")
         except BaseException as err:  # noqa: BLE001 - re-raised after the ranks agree
             ok, error = False, err
-        if _all_ok(ok) and rank == 0:
+        if dse.all_ranks_agree(ok) and rank == 0:
             try:
                 self._finalize(tmp, final, step, train_state, recipe_dict, meta or {}, world)
             except BaseException as err:  # noqa: BLE001
                 ok, error = False, err
-        if not _all_ok(ok):
+        if not dse.all_ranks_agree(ok):
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             if error is not None:
@@ -318,13 +318,3 @@ def _rank0_pid() -> int:
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.broadcast_object_list(pid, src=0)
     return int(pid[0])
-
-
-def _all_ok(ok: bool) -> bool:
-    """Logical AND of ``ok`` over ranks (an all-reduce MIN), so no rank waits on a failed one."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([int(ok)], device=device)
-    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-    return bool(flag.item())

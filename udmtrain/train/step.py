@@ -128,7 +128,7 @@ class TrainStep:
             sums += torch.stack([out.loss_sum.double().cpu(), out.nelbo_sum.double().cpu(),
                                  out.num_tokens.double().cpu()])
             if micro_index == self.accumulation - 1:
-                finite = self._all_ranks_finite(finite)
+                finite = self.dse.all_ranks_agree(finite)
                 self.optimizer.skip_next = not finite
             with self.timer("optimizer"):
                 norm = self.dse.step(self.engine)
@@ -140,15 +140,6 @@ class TrainStep:
         tokens = max(totals[2].item(), 1.0)
         return StepResult(loss=totals[0].item() / tokens, nelbo=totals[1].item() / tokens,
                           num_tokens=int(totals[2].item()), skipped=not finite)
-
-    def _all_ranks_finite(self, finite: bool) -> bool:
-        import torch.distributed as tdist
-
-        if not tdist.is_initialized() or tdist.get_world_size() == 1:
-            return finite
-        flag = torch.tensor([0.0 if finite else 1.0], device=self._comm_device())
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return flag.item() == 0.0
 
     def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         import torch.distributed as tdist

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 
 from udmtrain.utils.dist import print0
 
@@ -129,9 +128,3 @@ class Trainer:
             scalars["train/grad_norm"] = grad_norm
         scalars.update(step_times)
         self.metrics.log(self.state.step, scalars)
-
-
-def all_finite(value: torch.Tensor, all_reduce_max: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """True when ``value`` is finite on every rank (one max all-reduce of a 0/1 flag)."""
-    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
-    return bool(all_reduce_max(bad).item() == 0.0)
