@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
+from udmtrain.interop.errors import InteropError
+
 ROPE_BUFFER = "rotary_emb.inv_freq"
 """The reference's only buffer (RoPE inverse frequencies); recomputed by udmtrain, checked on import."""
 
@@ -42,7 +44,7 @@ VOCAB_ROWS = ("vocab_embed.embedding", "conditioning_vocab_embed.embedding", "ou
 """Reference tensors whose first dimension is the vocabulary (cut to V by ``to_udmtrain``)."""
 
 
-class KeyMappingError(ValueError):
+class KeyMappingError(InteropError):
     """Unexpected, missing or mis-shaped tensors between the reference DiT and udmtrain's."""
 
 

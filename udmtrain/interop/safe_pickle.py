@@ -28,8 +28,10 @@ from typing import Any
 import torch
 import torch._utils
 
+from udmtrain.interop.errors import InteropError
 
-class UnsafeCheckpointError(ValueError):
+
+class UnsafeCheckpointError(InteropError):
     """A file that cannot be read safely (not a torch zip archive, or an unreadable pickle)."""
 
 
