@@ -29,9 +29,9 @@ class ImportCheckpointError(InteropError):
 
 
 def tokenizer_section(spec: str, config: dict[str, Any], ref_vocab: int, masked: bool) -> dict[str, Any]:
-    """The recipe's tokenizer for ``--tokenizer spec`` (``auto``, ``none``, ``gpt2``, a GPT-2 dir, a
-    sentencepiece ``.model``): ``none`` -> ``ids`` with V = the reference head (minus the mask row for
-    a masked model, whose mask is then the last id); ``auto`` -> ``gpt2`` when the config names it."""
+    """The recipe's tokenizer for ``--tokenizer spec`` (``auto``, ``none``, ``ids:V``, ``gpt2``, a GPT-2
+    dir, a sentencepiece ``.model``): ``none`` -> ``ids`` with V = the reference head (minus the mask
+    row for a masked model, whose mask is then the last id); ``auto`` -> ``gpt2`` when the config names it."""
     if spec == "auto":
         named = str(config.get("data", {}).get("tokenizer_name_or_path", ""))
         if named != "gpt2":
@@ -40,6 +40,12 @@ def tokenizer_section(spec: str, config: dict[str, Any], ref_vocab: int, masked:
         spec = "gpt2"
     if spec == "none":
         return {"name": "ids", "vocab_size": ref_vocab - 1 if masked else ref_vocab}
+    if spec.startswith("ids:"):
+        from udmtrain.data.tokenizers import load_tokenizer
+
+        tok = load_tokenizer(spec)
+        return {"name": "ids", "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                "pad_id": tok.pad_id}
     if spec.endswith(".model"):
         return {"name": "sentencepiece", "path": spec}
     return {"name": "gpt2", "path": spec}
@@ -59,7 +65,6 @@ def derive(ref: ReferenceCheckpoint, out: Path, tokenizer: str = "auto", precisi
     """(validated RunConfig, tokenizer V, AUDM fusion) of the run ``out`` for ``ref``."""
     from udmtrain.config import dump_yaml, load_recipe
     from udmtrain.data.tokenizers import load_tokenizer
-    from udmtrain.registry import TOKENIZER
 
     algo = algo_of(ref.config)
     masked = algo.process == MASKED
@@ -70,9 +75,7 @@ def derive(ref: ReferenceCheckpoint, out: Path, tokenizer: str = "auto", precisi
         raise ImportCheckpointError(f"{ref.path}: a BERT-tokenized MDLM uses [MASK] (id 103) as its mask, udmtrain's masked "
                            "process the extra id V; this layout cannot be imported exactly")
     tok = tokenizer_section(tokenizer, ref.config, ref_vocab, masked)
-    V = int(TOKENIZER.build(tok["name"], TOKENIZER.get(tok["name"]).Config(
-        **{k: v for k, v in tok.items() if k != "name"})).vocab_size) if tok["name"] == "ids" \
-        else int(load_tokenizer(tok["path"]).vocab_size)
+    V = int(tok["vocab_size"]) if tok["name"] == "ids" else int(load_tokenizer(tok["path"]).vocab_size)
     _check_vocab(ref_vocab, V, masked, tokenizer)
     data_dir = data_dir or ("data/owt" if tok["name"] == "gpt2" else f"data/{out.name}")
     recipe = recipe_from_config(ref.config, name=out.name, output_root=os.fspath(out.parent), tokenizer=tok,

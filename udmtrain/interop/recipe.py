@@ -160,7 +160,7 @@ def recipe_from_config(config: dict, *, name: str, output_root: str, tokenizer: 
 
 
 def config_from_recipe(cfg: Any) -> dict[str, Any]:
-    """The reference config (plain dict: ``algo``, ``model``, ``training``, ``noise``) of a udmtrain
+    """The reference config (plain dict: ``algo``, ``data``, ``model``, ``training``, ``noise``) of a udmtrain
     ``RunConfig`` whose components have a reference equivalent; ``ReferenceConfigError`` otherwise."""
     if cfg.model.name != "dit" or cfg.process is None:
         raise ReferenceConfigError(f"model {cfg.model.name!r}: only diffusion DiT runs can be exported to rev_udm")
@@ -192,7 +192,8 @@ def config_from_recipe(cfg: Any) -> dict[str, Any]:
                                        "equivalent (separate_linear, shared_mlp)")
         algo.update(condition_on_uniform_noise=True, conditioning_fusion=m.noise_conditioning)
     hidden, blocks, heads = m.dims()
-    return {"algo": algo,
+    data = {"tokenizer_name_or_path": cfg.tokenizer.cfg.path} if cfg.tokenizer.name == "gpt2" else {}
+    return {"algo": algo, "data": data,
             "model": {"type": "ddit", "hidden_size": hidden, "cond_dim": m.cond_dim, "length": cfg.data.seq_len,
                       "n_blocks": blocks, "n_heads": heads, "dropout": m.dropout, "scale_by_sigma": False},
             "training": {"ema": cfg.train.ema_decay, "sampling_eps": cfg.schedule.cfg.eps},
