@@ -29,9 +29,9 @@ def logits(model: torch.nn.Module, exp: dict) -> torch.Tensor:
 
 
 def rekeyed(name: str, out: Path, prefix: str = "backbone.", config: dict | None = None,
-            edit=None) -> Path:
+            edit=None, with_ema: bool = True) -> Path:
     """The fixture re-saved as a plain Lightning-style dict with the DiT under ``prefix`` (MDLM family:
-    ``backbone.``), optionally another ``config`` and an ``edit(state_dict)`` applied."""
+    ``backbone.``), optionally another ``config``, an ``edit(state_dict)`` applied, without the EMA."""
     ref = read_checkpoint(fixture(name), "rev_udm")
     state = {prefix + k: v for k, v in ref.backbone.items()}
     if edit is not None:
@@ -40,6 +40,7 @@ def rekeyed(name: str, out: Path, prefix: str = "backbone.", config: dict | None
     obj = {"state_dict": state, "global_step": 7,
            "hyper_parameters": {"config": config if config is not None else ref.config},
            "ema": {"decay": ref.ema_decay, "num_updates": ref.ema_num_updates,
-                   "shadow_params": [ref.ema_shadow[n] for n in names], "collected_params": None}}
+                   "shadow_params": [ref.ema_shadow[n] for n in names], "collected_params": None}
+           if with_ema else None}
     torch.save(obj, out)
     return out
