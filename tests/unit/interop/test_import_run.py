@@ -104,3 +104,39 @@ def test_export_then_import_is_exact(imported, tmp_path):
     for recipe in recipes:  # only the run's name / location and its data directory may differ
         del recipe["run"], recipe["data"]["train_shards"], recipe["data"]["valid_shards"]
     assert recipes[0] == recipes[1]
+
+
+def test_checkpoint_resume_fine_tunes_the_import(imported, tmp_path):
+    """``checkpoint.resume: <imported run>`` trains on from the imported weights (launch/pretrain.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from udmtrain.data.prepare import prepare
+    from udmtrain.data.sources import SourceSpec
+
+    name, run = imported
+    if name != "mdlm":
+        pytest.skip("fine-tuning is checked once, on the MDLM import")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    gen = torch.Generator().manual_seed(1)
+    for i in range(8):
+        (docs / f"{i}.txt").write_text(" ".join(map(str, torch.randint(1, 50, (30,), generator=gen).tolist())))
+    shards = tmp_path / "shards"
+    prepare(SourceSpec(kind="files", inputs=[str(docs)], valid_fraction=0.25), "ids:50", 12, str(shards),
+            samples_per_shard=4, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    recipe = run / "checkpoints" / "step_0000000000" / "recipe.yaml"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "pretrain.py"), "--recipe", str(recipe), "run.name=ft",
+         f"run.output_root={tmp_path}", f"checkpoint.resume={run}", f"data.train_shards={shards}/train-*.tar",
+         f"data.valid_shards={shards}/valid-*.tar", "data.num_workers=0", "train.max_steps=2",
+         "engine.micro_batch_size=2", "engine.global_batch_size=2", "eval.every=0", "train.log_every=1"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resume from {run}/checkpoints/step_0000000000 at step 0" in proc.stdout + proc.stderr
+    tuned = load_for_inference(tmp_path / "ft", use_ema=False).model.state_dict()
+    start = load_for_inference(run, use_ema=False).model.state_dict()
+    assert tuned.keys() == start.keys() and any(not torch.equal(tuned[k], start[k]) for k in start)
