@@ -127,3 +127,22 @@ def test_extra_vocabulary_row_is_dropped_for_uniform_heads(tmp_path):
     wide_model.load_state_dict(wide_raw)
     wide = logits(wide_model, {**exp, "x": x})
     assert (out - wide[..., :49]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name, rows, dropped", [("udlm_mean_loo", 50258, 1), ("audm_separate_linear", 50258, 1),
+                                                 ("mdlm", 50258, 0)])
+def test_gpt2_published_width(name, rows, dropped, tmp_path):
+    """Published OpenWebText heads are 50258 wide (GPT-2 + [PAD]): ``--tokenizer auto`` picks GPT-2 from the
+    config; MDLM keeps the row as its mask (id V), UDLM/AUDM drop it (one V), logits of the rest unchanged."""
+    ref = read_checkpoint(fixture(name), "rev_udm")
+    gen = torch.Generator().manual_seed(0)
+    for key in ("vocab_embed.embedding", "conditioning_vocab_embed.embedding", "output_layer.linear.weight",
+                "output_layer.linear.bias"):
+        if key in ref.backbone:
+            t = ref.backbone[key]
+            ref.backbone[key] = torch.randn((rows, *t.shape[1:]), generator=gen)
+    ref.ema_shadow = None
+    assert ref.config["data"]["tokenizer_name_or_path"] == "gpt2"
+    cfg, model, raw, _ = imported_model(ref, tmp_path, tokenizer="auto")
+    assert cfg.tokenizer.name == "gpt2" and model.vocab_size == rows - dropped
+    assert torch.equal(raw["final.linear.weight"], ref.backbone["output_layer.linear.weight"][: rows - dropped])
