@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +122,12 @@ def save_run(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor
     try:
         if tdist.get_world_size() != 1:
             raise ImportCheckpointError("import_ckpt runs as a single process; do not launch it with a launcher")
+        exact = {k: p.detach().float().clone() for k, p in model.named_parameters()}
         engine = dse.create_engine(model, build_optimizer(cfg.optim.name, cfg.optim.cfg),
                                    build_lr_schedule(cfg.lr_schedule.name, cfg.lr_schedule.cfg, cfg.train.max_steps),
                                    dse.build_ds_config(cfg.engine, 1))
+        if cfg.engine.precision != "fp32":  # the engine rounded the weights: restore the exact fp32 masters
+            dse.set_full_fp32_params(engine, exact)
         with dse.gathered_parameters(engine.module):
             ema = EMA(engine.module, decay=cfg.train.ema_decay)
         ema.load_state_dict({"decay": cfg.train.ema_decay, "num_updates": ema_num_updates, "shadow": ema_state})
@@ -133,6 +138,11 @@ def save_run(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor
     finally:
         if created:
             dse.teardown()
+
+
+def _stage(t0: float, message: str) -> None:
+    """One progress line on stderr (a 170M-parameter import takes tens of seconds)."""
+    print(f"udmtrain: import [{time.perf_counter() - t0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout: str = "rev_udm",
@@ -147,6 +157,8 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
         raise ImportCheckpointError(f"--out {out} already exists; pass --force to replace it, or choose another directory")
     if not out.parent.is_dir():
         raise ImportCheckpointError(f"--out {out}: its parent directory {out.parent} does not exist")
+    t0 = time.perf_counter()
+    _stage(t0, f"reading {src} (--from {layout}, restricted unpickler)")
     ref = read_checkpoint(src, layout)
     if layout == "hub":
         ref.config.setdefault("training", {})["sampling_eps"] = 1e-3 if eps is None else eps
@@ -154,6 +166,7 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
         raise ImportCheckpointError("--eps applies to --from hub only; a Lightning checkpoint records training.sampling_eps")
     cfg, V, fusion = derive(ref, out, tokenizer, precision, data_dir)
     masked = cfg.process.name == MASKED
+    _stage(t0, f"recipe: {cfg.process.name} + {cfg.parameterization.name}, loss {cfg.loss.name}, V={V}; converting")
     torch.manual_seed(0)  # the initial weights are overwritten; keep the build deterministic anyway
     model = build_components(cfg, V, with_sampler=False).model
     raw, ema = convert(ref, model, fusion, masked)
@@ -163,7 +176,9 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
                               "dropped_vocab_rows": dropped, "source_config": ref.config}}
     if force and out.exists():
         shutil.rmtree(out)
+    _stage(t0, f"saving {out} through the Checkpointer")
     step_dir = save_run(cfg, model, ema, V, ref.ema_num_updates, meta)
+    _stage(t0, "reading the run back to compare the weights")
     for use_ema, want in ((False, raw), (True, ema)):  # read back through the tools' loader: bit-exact
         got = load_for_inference(out, use_ema=use_ema).model.state_dict()
         bad = [k for k in want if not torch.equal(got[k], want[k])]

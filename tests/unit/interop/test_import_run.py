@@ -176,3 +176,18 @@ def test_gen_ppl_sweep_on_the_import(imported, judge, tmp_path):
     lines = (out / "frontier.csv").read_text().splitlines()
     assert len(lines) == 3 and all(float(row.split(",")[lines[0].split(",").index("gen_ppl")]) > 0
                                    for row in lines[1:])
+
+
+def test_bf16_import_keeps_the_exact_fp32_weights(dist_group, tmp_path):
+    """With engine.precision bf16 the engine rounds the module; the fp32 masters (what the tools load and
+    what a bf16 fine-tune continues from) are set back to the exact imported weights."""
+    out = tmp_path / "bf16"
+    assert tool("import_ckpt").main(["--from", "rev_udm", str(fixture("audm_shared_mlp")), "--out", str(out),
+                                     "--tokenizer", "none", "--precision", "bf16"]) == 0
+    step = out / "checkpoints" / "step_0000000000"
+    assert (step / "ds" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    exp = expected("audm_shared_mlp")
+    loaded = load_for_inference(out, use_ema=False)
+    assert loaded.cfg.engine.precision == "bf16"
+    loaded.model.float()
+    assert (logits(loaded.model, exp) - exp["logits_raw"]).abs().max().item() <= TOL
