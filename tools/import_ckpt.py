@@ -13,9 +13,9 @@ unpickler: tensors and plain data only, every class it names becomes an inert pl
 ``--out RUN_DIR`` receives a normal run (``checkpoints/step_0000000000`` with recipe.yaml, DeepSpeed
 shards, the raw weights and the EMA) that every tool accepts (``sample.py``, ``eval_ppl.py``,
 ``gen_ppl.py``, ``loo_probe.py``, ``inspect_ckpt.py``, ``export_ckpt.py``) and that
-``checkpoint.resume: RUN_DIR`` fine-tunes (single rank). The recipe is derived from the checkpoint's
-config (algorithm, prediction, loss, time conditioning, sizes, eps, length, AUDM fusion); see
-docs/interop.md. ``--tokenizer``: ``auto`` (GPT-2 when the config names it), ``gpt2`` or a GPT-2
+``checkpoint.resume: RUN_DIR`` fine-tunes with ``--world-size`` ranks (default 1). The recipe is
+derived from the checkpoint's config (algorithm, prediction, loss, time conditioning, sizes, eps,
+length, AUDM fusion); see docs/interop.md. ``--tokenizer``: ``auto`` (GPT-2 when the config names it), ``gpt2`` or a GPT-2
 directory, a sentencepiece ``.model``, or ``none`` (token ids; the ``ids`` tokenizer). A report is
 printed as JSON.
 """
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: data/owt for GPT-2, else data/<run name>)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="engine.precision of the recipe")
     p.add_argument("--eps", type=float, default=None, help="--from hub only: schedule eps (default 1e-3, MDLM's)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="ranks of the fine-tuning run that will resume this checkpoint (spawns that many CPU "
+                        "processes to write per-rank shards; default 1)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     return p
 
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = import_checkpoint(args.path, args.out, layout=args.layout, tokenizer=args.tokenizer,
-                                   precision=args.precision, data_dir=args.data, eps=args.eps, force=args.force)
+                                   precision=args.precision, data_dir=args.data, eps=args.eps,
+                                   world_size=args.world_size, force=args.force)
     except InteropError as err:
         raise inf.InferenceError(str(err)) from err
     print(json.dumps(report, indent=2, default=str))

@@ -102,42 +102,96 @@ def convert(ref: ReferenceCheckpoint, model: torch.nn.Module, fusion: str, maske
 
 
 def save_run(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor], vocab_size: int,
-             ema_num_updates: int, meta: dict[str, Any]) -> Path:
+             ema_num_updates: int, meta: dict[str, Any], world_size: int = 1) -> Path:
     """Save ``model`` (raw weights loaded) + EMA as step 0 of the run ``cfg`` via the Checkpointer.
 
-    Runs in-process as a single gloo rank (created here if no process group exists, torn down after).
+    ``world_size == 1``: in-process as a single gloo rank (the group is created here if none exists,
+    and torn down after). ``world_size > 1``: that many spawned CPU gloo ranks save together, so the
+    checkpoint resumes under a launcher with ``world_size`` processes (per-rank optimizer shards and
+    train states, like a checkpoint written by a training run of that size).
     """
     import torch.distributed as tdist
 
+    from udmtrain.engine import deepspeed_engine as dse
+
+    if world_size > 1:
+        return _spawn_save(cfg, model, ema_state, vocab_size, ema_num_updates, meta, world_size)
+    created = not (tdist.is_available() and tdist.is_initialized())
+    if created:
+        dse.init_distributed("gloo")
+    try:
+        if tdist.get_world_size() != 1:
+            raise ImportCheckpointError("import_ckpt runs as a single process; use --world-size, not a launcher")
+        return _save_collective(cfg, model, ema_state, vocab_size, ema_num_updates, meta)
+    finally:
+        if created:
+            dse.teardown()
+
+
+def _save_collective(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor], vocab_size: int,
+                     ema_num_updates: int, meta: dict[str, Any]) -> Path:
+    """Every rank of the current process group: engine, exact fp32 masters, EMA, Checkpointer save."""
     from udmtrain.engine import deepspeed_engine as dse
     from udmtrain.engine.optim import build_lr_schedule, build_optimizer
     from udmtrain.models.ema import EMA
     from udmtrain.train.build import run_dir_for
     from udmtrain.train.checkpoint import Checkpointer
     from udmtrain.train.state import TrainState
+    from udmtrain.utils.dist import get_world_size
 
-    created = not (tdist.is_available() and tdist.is_initialized())
-    if created:
-        dse.init_distributed("gloo")
+    exact = {k: p.detach().float().clone() for k, p in model.named_parameters()}
+    engine = dse.create_engine(model, build_optimizer(cfg.optim.name, cfg.optim.cfg),
+                               build_lr_schedule(cfg.lr_schedule.name, cfg.lr_schedule.cfg, cfg.train.max_steps),
+                               dse.build_ds_config(cfg.engine, get_world_size()))
+    if cfg.engine.precision != "fp32":  # the engine rounded the weights: restore the exact fp32 masters
+        dse.set_full_fp32_params(engine, exact)
+    with dse.gathered_parameters(engine.module):
+        ema = EMA(engine.module, decay=cfg.train.ema_decay)
+    ema.load_state_dict({"decay": cfg.train.ema_decay, "num_updates": ema_num_updates, "shadow": ema_state})
+    state = TrainState(step=0, ema=ema.state_dict())
+    saver = Checkpointer(run_dir_for(cfg), every=cfg.checkpoint.every, keep_last=0, resume="never")
+    return saver.save(engine, 0, state, cfg.to_dict(), {"run_name": cfg.run.name, "vocab_size": vocab_size, **meta})
+
+
+def _spawn_save(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor], vocab_size: int,
+                ema_num_updates: int, meta: dict[str, Any], world_size: int) -> Path:
+    """``save_run`` with ``world_size`` spawned gloo ranks (each rebuilds the model from the recipe)."""
+    import torch.multiprocessing as mp
+
+    from udmtrain.config import dump_yaml
+    from udmtrain.engine import deepspeed_engine as dse
+    from udmtrain.train.build import run_dir_for
+    from udmtrain.train.checkpoint import step_dir_name
+
+    dse.build_ds_config(cfg.engine, world_size)  # a batch size that does not divide fails here, not in N ranks
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = os.path.join(tmp, "recipe.yaml")
+        Path(recipe).write_text(dump_yaml(cfg.to_dict()))
+        port = str(dse._free_port())
+        mp.start_processes(_spawned_rank, args=(world_size, port, recipe, vocab_size, raw, ema_state,
+                                                ema_num_updates, meta), nprocs=world_size, start_method="spawn")
+    return run_dir_for(cfg) / "checkpoints" / step_dir_name(0)
+
+
+def _spawned_rank(rank: int, world_size: int, port: str, recipe: str, vocab_size: int,
+                  raw: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor], ema_num_updates: int,
+                  meta: dict[str, Any]) -> None:
+    """One spawned rank of ``_spawn_save``."""
+    from udmtrain.config import load_recipe
+    from udmtrain.engine import deepspeed_engine as dse
+    from udmtrain.train.build import build_components
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port, DS_ACCELERATOR="cpu")
+    dse.init_distributed("gloo")
     try:
-        if tdist.get_world_size() != 1:
-            raise ImportCheckpointError("import_ckpt runs as a single process; do not launch it with a launcher")
-        exact = {k: p.detach().float().clone() for k, p in model.named_parameters()}
-        engine = dse.create_engine(model, build_optimizer(cfg.optim.name, cfg.optim.cfg),
-                                   build_lr_schedule(cfg.lr_schedule.name, cfg.lr_schedule.cfg, cfg.train.max_steps),
-                                   dse.build_ds_config(cfg.engine, 1))
-        if cfg.engine.precision != "fp32":  # the engine rounded the weights: restore the exact fp32 masters
-            dse.set_full_fp32_params(engine, exact)
-        with dse.gathered_parameters(engine.module):
-            ema = EMA(engine.module, decay=cfg.train.ema_decay)
-        ema.load_state_dict({"decay": cfg.train.ema_decay, "num_updates": ema_num_updates, "shadow": ema_state})
-        state = TrainState(step=0, ema=ema.state_dict())
-        saver = Checkpointer(run_dir_for(cfg), every=cfg.checkpoint.every, keep_last=0, resume="never")
-        return saver.save(engine, 0, state, cfg.to_dict(), {"run_name": cfg.run.name, "vocab_size": vocab_size,
-                                                            **meta})
+        cfg = load_recipe(recipe)
+        model = build_components(cfg, vocab_size, with_sampler=False).model
+        model.load_state_dict(raw)
+        _save_collective(cfg, model, ema_state, vocab_size, ema_num_updates, meta)
     finally:
-        if created:
-            dse.teardown()
+        dse.teardown()
 
 
 def _stage(t0: float, message: str) -> None:
@@ -147,12 +201,14 @@ def _stage(t0: float, message: str) -> None:
 
 def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout: str = "rev_udm",
                       tokenizer: str = "auto", precision: str = "fp32", data_dir: str | None = None,
-                      eps: float | None = None, force: bool = False) -> dict[str, Any]:
+                      eps: float | None = None, world_size: int = 1, force: bool = False) -> dict[str, Any]:
     """Import ``src`` into the run directory ``out`` (see the module docstring); returns a JSON-able report."""
     from udmtrain.train.build import build_components
     from udmtrain.train.inference import load_for_inference
 
     out = Path(out).expanduser().absolute()
+    if world_size < 1:
+        raise ImportCheckpointError(f"--world-size must be >= 1, got {world_size}")
     if out.exists() and not force:
         raise ImportCheckpointError(f"--out {out} already exists; pass --force to replace it, or choose another directory")
     if not out.parent.is_dir():
@@ -177,7 +233,7 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
     if force and out.exists():
         shutil.rmtree(out)
     _stage(t0, f"saving {out} through the Checkpointer")
-    step_dir = save_run(cfg, model, ema, V, ref.ema_num_updates, meta)
+    step_dir = save_run(cfg, model, ema, V, ref.ema_num_updates, meta, world_size)
     _stage(t0, "reading the run back to compare the weights")
     for use_ema, want in ((False, raw), (True, ema)):  # read back through the tools' loader: bit-exact
         got = load_for_inference(out, use_ema=use_ema).model.state_dict()
