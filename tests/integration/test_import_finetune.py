@@ -8,26 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 import train_helpers as th
 
+sys.path.insert(0, str(th.REPO / "tests" / "unit" / "interop"))
+from interop_helpers import ids_shards  # noqa: E402  (the shard builder the unit tests use)
+
 FIXTURE = th.REPO / "tests" / "data" / "rev_udm" / "mdlm.ckpt"
-
-
-def _ids_shards(root: Path) -> Path:
-    """Train/valid shards of random ids (V = 50, seq_len 12) written by the project's pipeline."""
-    from udmtrain.data.prepare import prepare
-    from udmtrain.data.sources import SourceSpec
-
-    docs = root / "docs"
-    docs.mkdir()
-    gen = torch.Generator().manual_seed(2)
-    for i in range(8):
-        (docs / f"{i}.txt").write_text(" ".join(map(str, torch.randint(1, 50, (30,), generator=gen).tolist())))
-    prepare(SourceSpec(kind="files", inputs=[str(docs)], valid_fraction=0.25), "ids:50", 12, str(root / "shards"),
-            samples_per_shard=4, progress=False)
-    return root / "shards"
 
 
 def test_two_rank_fine_tune_of_an_import(tmp_path):
@@ -38,7 +24,7 @@ def test_two_rank_fine_tune_of_an_import(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     step = run / "checkpoints" / "step_0000000000"
     assert (step / "rank1_state.pt").is_file() and (step / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
-    shards = _ids_shards(tmp_path)
+    shards = ids_shards(tmp_path, num_docs=8, doc_len=30, valid_fraction=0.25, seed=2)
     tuned = tmp_path / "ft"
     result = th.run(step / "recipe.yaml", [
         "run.name=ft", f"run.output_root={tmp_path}", f"checkpoint.resume={run}",

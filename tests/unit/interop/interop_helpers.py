@@ -44,3 +44,19 @@ def rekeyed(name: str, out: Path, prefix: str = "backbone.", config: dict | None
            if with_ema else None}
     torch.save(obj, out)
     return out
+
+
+def ids_shards(root: Path, num_docs: int, doc_len: int, valid_fraction: float, seed: int) -> Path:
+    """``root/shards``: train/valid shards (seq_len 12) of random documents over ids 1..49, written by the
+    project's own pipeline (``prepare`` with the ``ids:50`` tokenizer) from text files of ids."""
+    from udmtrain.data.prepare import prepare
+    from udmtrain.data.sources import SourceSpec
+
+    docs = root / "docs"
+    docs.mkdir()
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(num_docs):
+        (docs / f"{i}.txt").write_text(" ".join(map(str, torch.randint(1, 50, (doc_len,), generator=gen).tolist())))
+    prepare(SourceSpec(kind="files", inputs=[str(docs)], valid_fraction=valid_fraction), "ids:50", 12,
+            str(root / "shards"), samples_per_shard=4, progress=False)
+    return root / "shards"

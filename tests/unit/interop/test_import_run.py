@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interop_helpers import expected, fixture, logits
+from interop_helpers import expected, fixture, ids_shards, logits
 
 from udmtrain.interop.reference import read_checkpoint
 from udmtrain.train.inference import load_for_inference
@@ -46,9 +46,6 @@ def test_imported_run_is_logits_exact(imported):
 
 
 def test_sample_and_eval_ppl_at_the_token_id_level(imported, tmp_path, capsys):
-    from udmtrain.data.prepare import prepare
-    from udmtrain.data.sources import SourceSpec
-
     name, run = imported
     out = tmp_path / "samples.jsonl"
     assert tool("sample").main(["--ckpt", str(run), "--num-samples", "3", "--steps", "4", "--quiet",
@@ -57,15 +54,9 @@ def test_sample_and_eval_ppl_at_the_token_id_level(imported, tmp_path, capsys):
     assert len(rows) == 3 and all(len(r["token_ids"]) == 12 and max(r["token_ids"]) < 50 for r in rows)
     assert rows[0]["text"] == " ".join(map(str, rows[0]["token_ids"]))  # the ids tokenizer's text
     # validation shards written by the project's own pipeline with the same "ids" tokenizer
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(6):
-        (docs / f"{i}.txt").write_text(" ".join(map(str, torch.randint(1, 50, (15,), generator=gen).tolist())))
-    prepare(SourceSpec(kind="files", inputs=[str(docs)], valid_fraction=0.5), "ids:50", 12, str(tmp_path / "shards"),
-            samples_per_shard=4, progress=False)
+    shards = ids_shards(tmp_path, num_docs=6, doc_len=15, valid_fraction=0.5, seed=0)
     report = tmp_path / "ppl.json"
-    assert tool("eval_ppl").main(["--ckpt", str(run), "--data", str(tmp_path / "shards"), "--batch-size", "2",
+    assert tool("eval_ppl").main(["--ckpt", str(run), "--data", str(shards), "--batch-size", "2",
                                   "--device", "cpu", "--out", str(report)]) == 0
     result = json.loads(report.read_text())["results"][0]
     assert result["num_tokens"] > 0 and 0 < result["nll"] < 50
@@ -116,20 +107,10 @@ def test_checkpoint_resume_fine_tunes_the_import(imported, tmp_path):
     import subprocess
     import sys
 
-    from udmtrain.data.prepare import prepare
-    from udmtrain.data.sources import SourceSpec
-
     name, run = imported
     if name != "mdlm":
         pytest.skip("fine-tuning is checked once, on the MDLM import")
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    gen = torch.Generator().manual_seed(1)
-    for i in range(8):
-        (docs / f"{i}.txt").write_text(" ".join(map(str, torch.randint(1, 50, (30,), generator=gen).tolist())))
-    shards = tmp_path / "shards"
-    prepare(SourceSpec(kind="files", inputs=[str(docs)], valid_fraction=0.25), "ids:50", 12, str(shards),
-            samples_per_shard=4, progress=False)
+    shards = ids_shards(tmp_path, num_docs=8, doc_len=30, valid_fraction=0.25, seed=1)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     recipe = run / "checkpoints" / "step_0000000000" / "recipe.yaml"
