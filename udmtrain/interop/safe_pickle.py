@@ -100,9 +100,14 @@ class SafeUnpickler(pickle.Unpickler):
         return self.placeholders[key]
 
 
+def _refuse_legacy(*args: Any, **kwargs: Any) -> Any:
+    """torch reads legacy (non-zip) files with ``pickle_module.load``; ``safe_load`` refuses them first."""
+    raise UnsafeCheckpointError("legacy (non-zip) torch files are not read by the restricted unpickler")
+
+
 _pickle_module = types.ModuleType("udmtrain_safe_pickle")
 _pickle_module.Unpickler = SafeUnpickler  # torch subclasses it and sets persistent_load (the tensor data)
-_pickle_module.__dict__["load"] = None  # legacy (non-zip) files are refused before torch would call it
+_pickle_module.load = _refuse_legacy
 
 
 def safe_load(path: str | os.PathLike) -> Any:
