@@ -15,9 +15,10 @@ shards, the raw weights and the EMA) that every tool accepts (``sample.py``, ``e
 ``gen_ppl.py``, ``loo_probe.py``, ``inspect_ckpt.py``, ``export_ckpt.py``) and that
 ``checkpoint.resume: RUN_DIR`` fine-tunes with ``--world-size`` ranks (default 1). The recipe is
 derived from the checkpoint's config (algorithm, prediction, loss, time conditioning, sizes, eps,
-length, AUDM fusion); see docs/interop.md. ``--tokenizer``: ``auto`` (GPT-2 when the config names it), ``gpt2`` or a GPT-2
-directory, a sentencepiece ``.model``, or ``none`` (token ids; the ``ids`` tokenizer). A report is
-printed as JSON.
+length, AUDM fusion); see docs/interop.md. ``--tokenizer``: ``auto`` (GPT-2 when the config names
+it), ``gpt2`` or a GPT-2 directory, a sentencepiece ``.model``, ``ids:V``, or ``none`` (token ids with
+V from the checkpoint; the ``ids`` tokenizer). ``--precision bf16`` keeps the exact fp32 master
+weights. A report is printed as JSON; progress lines go to stderr.
 """
 
 from __future__ import annotations

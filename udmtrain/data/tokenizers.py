@@ -241,7 +241,8 @@ class IdsTokenizer(Tokenizer):
         try:
             ids = [int(tok) for tok in text.split()]
         except ValueError:
-            raise DataError(f"tokenizer 'ids' encodes decimal token ids separated by spaces, got {text[:40]!r}") from None
+            raise DataError(f"tokenizer 'ids' encodes decimal token ids separated by spaces, "
+                            f"got {text[:40]!r}") from None
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise DataError(f"tokenizer 'ids': ids {bad[:5]} are outside 0..{self.vocab_size - 1}")

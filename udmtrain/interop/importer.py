@@ -37,8 +37,8 @@ def tokenizer_section(spec: str, config: dict[str, Any], ref_vocab: int, masked:
     if spec == "auto":
         named = str(config.get("data", {}).get("tokenizer_name_or_path", ""))
         if named != "gpt2":
-            raise ImportCheckpointError(f"the checkpoint's tokenizer is {named or 'not recorded'!r}; pass --tokenizer gpt2, a "
-                               "GPT-2 directory, a sentencepiece .model, or none (token ids)")
+            raise ImportCheckpointError(f"the checkpoint's tokenizer is {named or 'not recorded'!r}; pass --tokenizer "
+                                        "gpt2, a GPT-2 directory, a sentencepiece .model, or none (token ids)")
         spec = "gpt2"
     if spec == "none":
         return {"name": "ids", "vocab_size": ref_vocab - 1 if masked else ref_vocab}
@@ -58,8 +58,9 @@ def _check_vocab(ref_vocab: int, V: int, masked: bool, tokenizer: str) -> None:
     ok = ref_vocab == V + 1 if masked else ref_vocab in (V, V + 1)
     if not ok:
         want = f"{V + 1} (V + the mask)" if masked else f"{V} or {V + 1}"
-        raise ImportCheckpointError(f"the checkpoint's vocabulary has {ref_vocab} rows but tokenizer {tokenizer} has V={V}: "
-                           f"expected {want}; pass the tokenizer it was trained with, or --tokenizer none")
+        raise ImportCheckpointError(f"the checkpoint's vocabulary has {ref_vocab} rows but tokenizer {tokenizer} has "
+                                    f"V={V}: expected {want}; pass the tokenizer it was trained with, or "
+                                    "--tokenizer none")
 
 
 def derive(ref: ReferenceCheckpoint, out: Path, tokenizer: str = "auto", precision: str = "fp32",
@@ -74,11 +75,11 @@ def derive(ref: ReferenceCheckpoint, out: Path, tokenizer: str = "auto", precisi
         raise K.KeyMappingError(f"{ref.path}: the backbone has no vocab_embed.embedding (not a DiT?)")
     ref_vocab = int(ref.backbone["vocab_embed.embedding"].shape[0])
     if masked and str(ref.config.get("data", {}).get("tokenizer_name_or_path", "")).startswith("bert"):
-        raise ImportCheckpointError(f"{ref.path}: a BERT-tokenized MDLM uses [MASK] (id 103) as its mask, udmtrain's masked "
-                           "process the extra id V; this layout cannot be imported exactly")
+        raise ImportCheckpointError(f"{ref.path}: a BERT-tokenized MDLM uses [MASK] (id 103) as its mask, udmtrain's "
+                                    "masked process the extra id V; this layout cannot be imported exactly")
     tok = tokenizer_section(tokenizer, ref.config, ref_vocab, masked)
     V = int(tok["vocab_size"]) if tok["name"] == "ids" else int(load_tokenizer(tok["path"]).vocab_size)
-    _check_vocab(ref_vocab, V, masked, tokenizer)
+    _check_vocab(ref_vocab, V, masked, tok.get("path") or f"ids:{V}")
     data_dir = data_dir or ("data/owt" if tok["name"] == "gpt2" else f"data/{out.name}")
     recipe = recipe_from_config(ref.config, name=out.name, output_root=os.fspath(out.parent), tokenizer=tok,
                                 data_dir=data_dir, precision=precision)
@@ -168,10 +169,19 @@ def _spawn_save(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Ten
     with tempfile.TemporaryDirectory() as tmp:
         recipe = os.path.join(tmp, "recipe.yaml")
         Path(recipe).write_text(dump_yaml(cfg.to_dict()))
-        port = str(dse._free_port())
+        port = str(_free_port())
         mp.start_processes(_spawned_rank, args=(world_size, port, recipe, vocab_size, raw, ema_state,
                                                 ema_num_updates, meta), nprocs=world_size, start_method="spawn")
     return run_dir_for(cfg) / "checkpoints" / step_dir_name(0)
+
+
+def _free_port() -> int:
+    """A TCP port that is free now (the spawned ranks' rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _spawned_rank(rank: int, world_size: int, port: str, recipe: str, vocab_size: int,
@@ -210,7 +220,8 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
     if world_size < 1:
         raise ImportCheckpointError(f"--world-size must be >= 1, got {world_size}")
     if out.exists() and not force:
-        raise ImportCheckpointError(f"--out {out} already exists; pass --force to replace it, or choose another directory")
+        raise ImportCheckpointError(f"--out {out} already exists; pass --force to replace it, or choose another "
+                                    "directory")
     if not out.parent.is_dir():
         raise ImportCheckpointError(f"--out {out}: its parent directory {out.parent} does not exist")
     t0 = time.perf_counter()
@@ -219,7 +230,8 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
     if layout == "hub":
         ref.config.setdefault("training", {})["sampling_eps"] = 1e-3 if eps is None else eps
     elif eps is not None:
-        raise ImportCheckpointError("--eps applies to --from hub only; a Lightning checkpoint records training.sampling_eps")
+        raise ImportCheckpointError("--eps applies to --from hub only; a Lightning checkpoint records "
+                                    "training.sampling_eps")
     cfg, V, fusion = derive(ref, out, tokenizer, precision, data_dir)
     masked = cfg.process.name == MASKED
     _stage(t0, f"recipe: {cfg.process.name} + {cfg.parameterization.name}, loss {cfg.loss.name}, V={V}; converting")
@@ -230,17 +242,27 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
     dropped = int(ref.backbone["vocab_embed.embedding"].shape[0]) - int(model.vocab_size)
     meta = {"imported_from": {**ref.info, "ema_in_source": ref.ema_shadow is not None,
                               "dropped_vocab_rows": dropped, "source_config": ref.config}}
-    if force and out.exists():
-        shutil.rmtree(out)
-    _stage(t0, f"saving {out} through the Checkpointer")
-    step_dir = save_run(cfg, model, ema, V, ref.ema_num_updates, meta, world_size)
-    _stage(t0, "reading the run back to compare the weights")
-    for use_ema, want in ((False, raw), (True, ema)):  # read back through the tools' loader: bit-exact
-        got = load_for_inference(out, use_ema=use_ema).model.state_dict()
-        bad = [k for k in want if not torch.equal(got[k], want[k])]
-        if bad:
-            raise ImportCheckpointError(f"{step_dir}: the saved {'EMA' if use_ema else 'raw'} weights differ from the "
-                               f"converted ones at {bad[:3]}")
+    trash = None  # --force: the previous run is put aside and restored if this import fails
+    if out.exists():
+        trash = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.rename(out, trash)
+    try:
+        _stage(t0, f"saving {out} through the Checkpointer")
+        step_dir = save_run(cfg, model, ema, V, ref.ema_num_updates, meta, world_size)
+        _stage(t0, "reading the run back to compare the weights")
+        for use_ema, want in ((False, raw), (True, ema)):  # read back through the tools' loader: bit-exact
+            got = load_for_inference(out, use_ema=use_ema).model.state_dict()
+            bad = [k for k in want if not torch.equal(got[k], want[k])]
+            if bad:
+                raise ImportCheckpointError(f"{step_dir}: the saved {'EMA' if use_ema else 'raw'} weights differ "
+                                            f"from the converted ones at {bad[:3]}")
+    except BaseException:  # no half-written or wrong run is left under --out
+        shutil.rmtree(out, ignore_errors=True)
+        if trash is not None:
+            os.rename(trash, out)
+        raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
     return {"run_dir": os.fspath(out), "checkpoint": os.fspath(step_dir), "algo": algo_of(ref.config).name,
             "process": cfg.process.name, "parameterization": cfg.parameterization.name, "loss": cfg.loss.name,
             "sampler": cfg.sampler.name, "vocab_size": V, "dropped_vocab_rows": dropped,

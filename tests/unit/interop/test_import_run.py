@@ -95,7 +95,8 @@ def test_export_then_import_is_exact(imported, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     import yaml
 
-    recipes = [yaml.safe_load((r / "checkpoints" / "step_0000000000" / "recipe.yaml").read_text()) for r in (run, again)]
+    recipes = [yaml.safe_load((r / "checkpoints" / "step_0000000000" / "recipe.yaml").read_text())
+               for r in (run, again)]
     for recipe in recipes:  # only the run's name / location and its data directory may differ
         del recipe["run"], recipe["data"]["train_shards"], recipe["data"]["valid_shards"]
     assert recipes[0] == recipes[1]
@@ -172,3 +173,25 @@ def test_bf16_import_keeps_the_exact_fp32_weights(dist_group, tmp_path):
     assert loaded.cfg.engine.precision == "bf16"
     loaded.model.float()
     assert (logits(loaded.model, exp) - exp["logits_raw"]).abs().max().item() <= TOL
+
+
+def test_failed_import_leaves_no_run_and_keeps_the_forced_one(tmp_path, monkeypatch):
+    """A save that fails half-way leaves nothing under --out, and a --force import that fails restores
+    the run it was replacing; the CLI reports the failures as one line (exit 2)."""
+    from udmtrain.interop import importer
+    from udmtrain.train.inference import run_cli
+
+    def broken_save(cfg, *args, **kwargs):
+        (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # something half-written, then a crash
+        raise importer.ImportCheckpointError("disk full (simulated)")
+
+    monkeypatch.setattr(importer, "save_run", broken_save)
+    args = ["--from", "rev_udm", str(fixture("mdlm")), "--out", str(tmp_path / "run"), "--tokenizer", "none"]
+    assert run_cli(tool("import_ckpt").main, args) == 2
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("previous run")
+    assert run_cli(tool("import_ckpt").main, args) == 2  # exists, no --force
+    assert run_cli(tool("import_ckpt").main, args + ["--force"]) == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no .old-* left behind

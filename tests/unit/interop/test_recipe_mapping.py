@@ -47,6 +47,7 @@ def test_export_refuses_runs_without_reference_equivalent(tmp_path, section, cha
 def test_export_refuses_shared_embedding_fusion(tmp_path):
     ref = read_checkpoint(fixture("audm_separate_linear"), "rev_udm")
     cfg = derive(ref, tmp_path / "a", "none")[0]
-    model = dataclasses.replace(cfg.model, cfg=dataclasses.replace(cfg.model.cfg, noise_conditioning="shared_embedding"))
+    fused = dataclasses.replace(cfg.model.cfg, noise_conditioning="shared_embedding")
+    model = dataclasses.replace(cfg.model, cfg=fused)
     with pytest.raises(InteropError, match="noise_conditioning='shared_embedding' has no reference equivalent"):
         config_from_recipe(dataclasses.replace(cfg, model=model))
