@@ -8,6 +8,7 @@ table does not cover is a ``ReferenceConfigError`` naming the config key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,13 @@ class Algo:
         return PROCESS_OF[self.name]
 
 
-def _get(config: dict, dotted: str, default: Any = KeyError) -> Any:
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def _get(config: dict, dotted: str, default: Any = KeyError, kind: type | None = None, _depth: int = 0) -> Any:
+    """``config[a][b]...`` for ``dotted = "a.b"``, following OmegaConf ``${x.y}`` references (the
+    pickled config keeps them unresolved); ``kind`` (bool / int / float / str) is checked, not coerced
+    from another type (a float may be written as a string, e.g. ``"1e-3"``)."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -58,38 +65,52 @@ def _get(config: dict, dotted: str, default: Any = KeyError) -> Any:
                 raise ReferenceConfigError(f"reference config has no {dotted!r}; cannot derive the recipe")
             return default
         node = node[part]
-    return node
+    if isinstance(node, str) and "${" in node:
+        match = _INTERPOLATION.fullmatch(node)
+        if match is None or _depth > 8:
+            raise ReferenceConfigError(f"reference config {dotted}={node!r}: only plain ${{key}} references resolve")
+        return _get(config, match.group(1), default, kind, _depth + 1)
+    if kind is None or node is default:
+        return node
+    ok = isinstance(node, kind) and not (kind is not bool and isinstance(node, bool))
+    if kind is float and not ok and not isinstance(node, bool):
+        try:
+            return float(node)
+        except (TypeError, ValueError):
+            pass
+    if not ok:
+        raise ReferenceConfigError(f"reference config {dotted}={node!r} is not a {kind.__name__}")
+    return kind(node)
 
 
 def algo_of(config: dict) -> Algo:
     """Normalise ``config`` (``algo:`` section, or MDLM's top-level ``parameterization``/``diffusion``)."""
     if "algo" in config:
-        algo = _get(config, "algo")
-        name = str(_get(config, "algo.name"))
+        name = _get(config, "algo.name", kind=str)
         if name not in ALGORITHMS:
             raise ReferenceConfigError(f"algo.name={name!r} has no udmtrain equivalent; supported: {list(ALGORITHMS)}")
-        backbone = str(algo.get("backbone", "dit"))
-        causal = bool(algo.get("causal_attention", False))
-        loss_fn = str(algo.get("loss_fn", "elbo"))
-        time_cond = bool(_get(config, "algo.time_conditioning"))
+        backbone = _get(config, "algo.backbone", "dit", kind=str)
+        causal = _get(config, "algo.causal_attention", False, kind=bool)
+        loss_fn = _get(config, "algo.loss_fn", "elbo", kind=str)
+        time_cond = _get(config, "algo.time_conditioning", kind=bool)
         if name in ("mdlm", "remdlm"):
             prediction = "mean"
-            param = str(algo.get("parameterization", "subs"))
+            param = _get(config, "algo.parameterization", "subs", kind=str)
             if param != "subs":
                 raise ReferenceConfigError(f"algo.parameterization={param!r}: only 'subs' MDLM networks are supported")
         elif name in ("audm", "reaudm"):
             prediction = "mean"  # AUDM always predicts p(x | z, n)
         else:
-            prediction = str(algo.get("model_prediction", "mean_loo" if name == "udlm" else "mean"))
+            prediction = _get(config, "algo.model_prediction", "mean_loo" if name == "udlm" else "mean", kind=str)
     else:  # MDLM's own config: top-level diffusion / parameterization / time_conditioning
         diffusion, param = config.get("diffusion"), config.get("parameterization")
         if diffusion != "absorbing_state" or param != "subs":
             raise ReferenceConfigError(f"config has no 'algo' section and diffusion={diffusion!r}, parameterization="
                                        f"{param!r}: only MDLM's absorbing_state + subs is recognised without 'algo'")
         name, prediction, loss_fn = "mdlm", "mean", "elbo"
-        backbone = str(config.get("backbone", "dit"))
+        backbone = _get(config, "backbone", "dit", kind=str)
         causal = False
-        time_cond = bool(_get(config, "time_conditioning"))
+        time_cond = _get(config, "time_conditioning", kind=bool)
     if backbone != "dit":
         raise ReferenceConfigError(f"backbone {backbone!r}: only the DiT backbone ('dit') can be imported")
     if causal:
@@ -100,10 +121,10 @@ def algo_of(config: dict) -> Algo:
         raise ReferenceConfigError(f"algo.loss_fn={loss_fn!r}; supported: elbo, cross_entropy")
     fusion = "none"
     if name in ("audm", "reaudm"):
-        if not bool(_get(config, "algo.condition_on_uniform_noise", True)):
+        if not _get(config, "algo.condition_on_uniform_noise", True, kind=bool):
             raise ReferenceConfigError("algo.condition_on_uniform_noise=False: udmtrain's AUDM network always "
                                        "sees the noise tokens")
-        fusion = str(_get(config, "algo.conditioning_fusion", "separate_linear"))
+        fusion = _get(config, "algo.conditioning_fusion", "separate_linear", kind=str)
         if fusion not in ("separate_linear", "shared_mlp"):
             raise ReferenceConfigError(f"algo.conditioning_fusion={fusion!r}; supported: separate_linear, shared_mlp")
     return Algo(name, prediction, loss_fn, time_cond, fusion)
@@ -111,15 +132,16 @@ def algo_of(config: dict) -> Algo:
 
 def model_section(config: dict, algo: Algo) -> dict[str, Any]:
     """udmtrain ``model:`` section from the reference ``model:`` config (sizes, dropout) and ``algo``."""
-    kind = str(_get(config, "model.type", "ddit"))
+    kind = _get(config, "model.type", "ddit", kind=str)
     if kind != "ddit":
         raise ReferenceConfigError(f"model.type={kind!r}: only the DiT ('ddit') can be imported")
-    if bool(_get(config, "model.scale_by_sigma", False)):
+    if _get(config, "model.scale_by_sigma", False, kind=bool):
         raise ReferenceConfigError("model.scale_by_sigma=True (SEDD score output) is not supported")
-    return {"name": "dit", "hidden_size": int(_get(config, "model.hidden_size")),
-            "num_blocks": int(_get(config, "model.n_blocks")), "num_heads": int(_get(config, "model.n_heads")),
-            "cond_dim": int(_get(config, "model.cond_dim")), "mlp_ratio": 4,
-            "dropout": float(_get(config, "model.dropout", 0.1)), "attn_backend": "auto",
+    return {"name": "dit", "hidden_size": _get(config, "model.hidden_size", kind=int),
+            "num_blocks": _get(config, "model.n_blocks", kind=int),
+            "num_heads": _get(config, "model.n_heads", kind=int),
+            "cond_dim": _get(config, "model.cond_dim", kind=int), "mlp_ratio": 4,
+            "dropout": _get(config, "model.dropout", 0.1, kind=float), "attn_backend": "auto",
             "noise_conditioning": algo.fusion, "time_conditioning": algo.time_conditioning}
 
 
@@ -134,7 +156,7 @@ def recipe_from_config(config: dict, *, name: str, output_root: str, tokenizer: 
     noise = _get(config, "noise.type", "loglinear")
     if noise != "loglinear":
         raise ReferenceConfigError(f"noise.type={noise!r}: only the log-linear schedule is supported")
-    eps = float(_get(config, "training.sampling_eps"))
+    eps = _get(config, "training.sampling_eps", kind=float)
     loss = NELBO_OF[algo.name] if algo.loss_fn == "elbo" else "cross_entropy"
     sampler: dict[str, Any] = {"name": SAMPLER_OF[algo.name]}
     if algo.process == MASKED:
@@ -144,11 +166,11 @@ def recipe_from_config(config: dict, *, name: str, output_root: str, tokenizer: 
         "engine": {"zero_stage": 1, "precision": precision, "micro_batch_size": 16, "global_batch_size": 512},
         "optim": {"name": "adamw", "lr": 3.0e-4, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.0},
         "lr_schedule": {"name": "constant_warmup", "warmup_steps": 2500},
-        "train": {"max_steps": 1_000_000, "ema_decay": float(_get(config, "training.ema", 0.9999))},
+        "train": {"max_steps": 1_000_000, "ema_decay": _get(config, "training.ema", 0.9999, kind=float)},
         "checkpoint": {"every": 5000, "keep_last": 3, "resume": "auto"},
         "eval": {"every": 5000, "num_batches": 100},
         "data": {"train_shards": f"{data_dir}/train-*.tar", "valid_shards": f"{data_dir}/valid-*.tar",
-                 "seq_len": int(_get(config, "model.length"))},
+                 "seq_len": _get(config, "model.length", kind=int)},
         "tokenizer": tokenizer,
         "model": model_section(config, algo),
         "process": {"name": algo.process},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,7 +133,7 @@ def read_hub(path: str | os.PathLike) -> ReferenceCheckpoint:
         if not os.path.isfile(f):
             raise ReferenceFormatError(f"--from hub expects a directory with model.safetensors and config.json; "
                                        f"{f} does not exist")
-    hub = json.loads(open(cfg_file).read())
+    hub = json.loads(Path(cfg_file).read_text())
     if hub.get("model_type") != "mdlm":
         raise ReferenceFormatError(f"{cfg_file}: model_type={hub.get('model_type')!r}; only MDLM's hub format "
                                    "(model_type 'mdlm') is recognised")

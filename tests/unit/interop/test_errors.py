@@ -79,3 +79,21 @@ def test_vocabulary_must_fit_the_tokenizer(tmp_path):
 def test_unknown_layout(tmp_path):
     with pytest.raises(InteropError, match="supported layouts"):
         read_checkpoint(fixture("mdlm"), "sedd")
+
+
+def test_config_values_are_typed_and_references_resolve(tmp_path):
+    """OmegaConf keeps ${...} references unresolved in the pickle: plain ones resolve; wrong types are errors."""
+    config = _config()
+    config["model"]["length"] = "${data.length}"
+    config["data"]["length"] = 12
+    config["training"]["sampling_eps"] = "1e-3"  # a float written as a string
+    ref = read_checkpoint(rekeyed("udlm_mean_loo", tmp_path / "a.ckpt", config=config), "mdlm")
+    cfg = derive(ref, tmp_path / "r", "none")[0]
+    assert cfg.data.seq_len == 12 and cfg.schedule.cfg.eps == 1e-3
+    ref.config["algo"]["time_conditioning"] = "False"  # a string is not a bool: never read as True
+    with pytest.raises(InteropError, match="algo.time_conditioning='False' is not a bool"):
+        derive(ref, tmp_path / "r", "none")
+    ref.config["algo"]["time_conditioning"] = True
+    ref.config["model"]["length"] = "${data.length}-1"
+    with pytest.raises(InteropError, match="only plain"):
+        derive(ref, tmp_path / "r", "none")
