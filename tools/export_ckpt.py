@@ -4,6 +4,10 @@
     python tools/export_ckpt.py runs/quickstart-audm/checkpoints/step_0000000200 --out exports/raw \\
         --no-ema --dtype bf16 --force
     python tools/export_ckpt.py runs/x --out exports/x tokenizer.path=data/demo/tokenizer.model  # override
+    python tools/export_ckpt.py runs/udlm --format rev_udm --out udlm.ckpt   # the reference's layout
+
+``--format rev_udm`` writes one Lightning-style ``.ckpt`` file in the paper's reference layout (raw
+weights, EMA shadow list, plain-dict config) instead of a directory; see docs/interop.md.
 
 ``RUN_OR_STEP_DIR`` is a run directory, its ``checkpoints/`` directory (both via ``latest``) or a
 complete ``step_XXXXXXXXXX`` directory; trailing ``section.key=value`` arguments override the saved
@@ -62,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the floating tensors")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--format", choices=["udmtrain", "rev_udm"], default="udmtrain",
+                   help="udmtrain: a directory (default); rev_udm: a reference-layout .ckpt file (raw + EMA, fp32)")
     return p
 
 
@@ -170,8 +176,26 @@ def export(path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True
     return meta
 
 
+def export_rev_udm(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``--format rev_udm``: one reference-layout checkpoint file (``udmtrain.interop.exporter``)."""
+    from udmtrain.interop.errors import InteropError
+    from udmtrain.interop.exporter import export_reference
+
+    if args.no_ema or args.dtype != "fp32":
+        raise inf.InferenceError("--format rev_udm writes the raw and the EMA weights in fp32; drop --no-ema/--dtype")
+    try:
+        report = export_reference(args.path, args.out, overrides, force=args.force)
+    except InteropError as err:
+        raise inf.InferenceError(str(err)) from err
+    print(f"exported {report['source_checkpoint']} (step {report['step']}, {report['algo']}) -> {report['out']} "
+          "(rev_udm layout)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
+    if args.format == "rev_udm":
+        return export_rev_udm(args, inf.split_overrides(unknown))
     meta = export(args.path, args.out, use_ema=not args.no_ema, dtype=args.dtype, force=args.force,
                   overrides=inf.split_overrides(unknown))
     print(f"exported {meta['source_checkpoint']} (step {meta['step']}, {'EMA' if meta['ema'] else 'raw'} weights, "

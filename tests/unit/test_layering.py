@@ -1,7 +1,7 @@
 """Import layering of udmtrain (DESIGN section 4) and single owners of optional heavy dependencies.
 
 Layers: L0 utils; L1 registry, config; L2 diffusion, models, data (siblings never import each other);
-L3 engine; L4 eval; L5 train. A module may import its own or lower layers only. The registry's lazy
+L3 engine; L4 eval; L5 train, interop. A module may import its own or lower layers only. The registry's lazy
 import of component modules is a table of strings (``FAMILY_MODULES``), not an import, so it is not seen.
 """
 
@@ -17,7 +17,7 @@ PACKAGE = ROOT / "udmtrain"
 
 LAYERS: dict[str, int] = {
     "utils": 0, "registry": 1, "config": 1, "diffusion": 2, "models": 2, "data": 2,
-    "engine": 3, "eval": 4, "train": 5,
+    "engine": 3, "eval": 4, "train": 5, "interop": 5,
 }
 L2 = {name for name, layer in LAYERS.items() if layer == 2}
 

@@ -204,15 +204,79 @@ class GPT2Tokenizer(Tokenizer):
         return self.path
 
 
+@TOKENIZER.register("ids")
+class IdsTokenizer(Tokenizer):
+    """No text: token ids ``0 .. vocab_size-1`` written as decimal numbers separated by spaces.
+
+    For models whose tokenizer is unknown or irrelevant (e.g. a checkpoint imported with
+    ``tools/import_ckpt.py --tokenizer none``): sampling and evaluation work at the token-id level.
+    ``encode("3 1 4")`` = ``[3, 1, 4]``; ``decode`` drops nothing (the special ids are nominal).
+    """
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config:
+        vocab_size: int
+        """V: number of token ids."""
+        bos_id: int = 0
+        """Id used as BOS (e.g. before a ``--prefix``); nominal, nothing is dropped on decode."""
+        eos_id: int = 0
+        """Id used as EOS."""
+        pad_id: int = 0
+        """Id used as padding."""
+
+        def __post_init__(self) -> None:
+            if self.vocab_size < 1:
+                raise ValueError(f"tokenizer (ids): vocab_size must be >= 1, got {self.vocab_size}")
+            for key in ("bos_id", "eos_id", "pad_id"):
+                if not 0 <= getattr(self, key) < self.vocab_size:
+                    raise ValueError(f"tokenizer (ids): {key}={getattr(self, key)} is not an id below "
+                                     f"vocab_size={self.vocab_size}")
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.name, self.path = cfg, "ids", ""
+        self.vocab_size = int(cfg.vocab_size)
+        self.bos_id, self.eos_id, self.pad_id = int(cfg.bos_id), int(cfg.eos_id), int(cfg.pad_id)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(tok) for tok in text.split()]
+        except ValueError:
+            raise DataError(f"tokenizer 'ids' encodes decimal token ids separated by spaces, "
+                            f"got {text[:40]!r}") from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise DataError(f"tokenizer 'ids': ids {bad[:5]} are outside 0..{self.vocab_size - 1}")
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def identity(self) -> dict[str, Any]:
+        record = {"vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+        digest = hashlib.sha256(json.dumps({"name": "ids", **record}, sort_keys=True).encode()).hexdigest()
+        return {"name": self.name, "path": self.path, "sha256": digest, **record}
+
+    def spec(self) -> str:
+        """``ids:V`` (specials at their defaults) or ``ids:V:bos:eos:pad``."""
+        specials = (self.bos_id, self.eos_id, self.pad_id)
+        return f"ids:{self.vocab_size}" + ("" if specials == (0, 0, 0) else ":" + ":".join(map(str, specials)))
+
+
 def load_tokenizer(spec: Any) -> Tokenizer:
     """Build a tokenizer from a CLI/recipe value.
 
-    ``spec``: ``"gpt2"`` or a hub name / GPT-2 directory, a ``*.model`` sentencepiece path, or a
-    recipe component (object with ``.name`` and ``.cfg``).
+    ``spec``: ``"gpt2"`` or a hub name / GPT-2 directory, a ``*.model`` sentencepiece path, ``ids:V``
+    (token ids as text, see ``IdsTokenizer``), or a recipe component (object with ``.name`` and ``.cfg``).
     """
     if hasattr(spec, "name") and hasattr(spec, "cfg"):
         return TOKENIZER.build(spec.name, spec.cfg)
     spec = str(spec)
+    if spec.startswith("ids:"):
+        try:
+            values = [int(v) for v in spec[len("ids:"):].split(":")]
+            return IdsTokenizer(IdsTokenizer.Config(**dict(zip(("vocab_size", "bos_id", "eos_id", "pad_id"), values))))
+        except (TypeError, ValueError) as err:
+            raise DataError(f"tokenizer {spec!r}: expected ids:V or ids:V:bos:eos:pad ({err})") from None
     if spec.endswith(".model"):
         return SentencePieceTokenizer(SentencePieceTokenizer.Config(path=spec))
     return GPT2Tokenizer(GPT2Tokenizer.Config(path=spec))

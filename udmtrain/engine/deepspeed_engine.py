@@ -275,6 +275,20 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def set_full_fp32_params(engine, state: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the fp32 master weights of every named parameter of ``engine.module`` with ``state``.
+
+    With bf16/fp16 the engine builds its fp32 masters from the already rounded low-precision weights,
+    so a model loaded before ``create_engine`` loses its exact fp32 values; this puts them back (ZeRO
+    1-3, DeepSpeed's ``safe_set_full_fp32_param``). A no-op for parameters without masters (fp32 stage 0).
+    """
+    _ds()
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in engine.module.named_parameters():
+        safe_set_full_fp32_param(param, state[name].to(param.device, torch.float32))
+
+
 def save(engine, directory: str | os.PathLike, client_state: dict[str, Any] | None = None) -> None:
     """Collective: every rank writes its DeepSpeed shards into ``directory/<CHECKPOINT_TAG>/``."""
     engine.save_checkpoint(os.fspath(directory), tag=CHECKPOINT_TAG, client_state=client_state or {},

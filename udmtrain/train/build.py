@@ -94,7 +94,8 @@ def build_trainer(cfg: Any) -> Run:
         print0(f"resuming from {resume_dir}")
         checkpointer.load(engine, resume_dir, state, recipe_dict)
         apply_hyperparameters(created[0], cfg.optim.cfg)  # the current recipe's optim.* win on resume
-        train_loader.load_state_dict(state.data_cursor)
+        if state.data_cursor:  # empty for an imported checkpoint (tools/import_ckpt.py): the stream starts afresh
+            train_loader.load_state_dict(state.data_cursor)
         if ema is not None and state.ema is not None:
             ema.load_state_dict(state.ema)
     batches = iter(train_loader)
