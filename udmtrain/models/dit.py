@@ -170,6 +170,8 @@ class DiT(nn.Module):
         dim, num_blocks, num_heads = cfg.dims()
         self.cfg, self.vocab_size, self.uses_noise_tokens = cfg, vocab_size, uses_noise_tokens
         self.hidden_size, self.num_blocks = dim, num_blocks
+        self.time_conditioning = bool(cfg.time_conditioning)
+        """Whether the output depends on ``sigma_B`` (samplers read it: ``build_sampler``)."""
         self.embedding = TokenEmbedding(vocab_size, dim)
         self.noise_conditioner = (
             NoiseConditioner(cfg.noise_conditioning, vocab_size, dim) if uses_noise_tokens else None
@@ -201,7 +203,7 @@ class DiT(nn.Module):
         h_BLD = self.embedding(xt_BL)
         if self.noise_conditioner is not None:
             h_BLD = self.noise_conditioner(h_BLD, self.embedding, xt_BL, noise_BL)
-        if not self.cfg.time_conditioning:
+        if not self.time_conditioning:
             sigma_B = torch.zeros_like(sigma_B)
         c_BC = nn.functional.silu(self.time_embedding(sigma_B))
         for block in self.blocks:
