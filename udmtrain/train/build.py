@@ -86,6 +86,8 @@ def build_trainer(cfg: Any) -> Run:
     if cfg.train.ema_decay > 0:
         with dse.gathered_parameters(engine.module):
             ema = EMA(engine.module, decay=cfg.train.ema_decay)
+    # measured before the checkpoint restores the RNG states (it uses a private generator anyway)
+    peak = measure_peak_flops(device, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32)
     state = TrainState()
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every, cfg.checkpoint.keep_last, cfg.checkpoint.resume)
     train_loader = build_train_loader(cfg.data, cfg.engine.micro_batch_size, rank, world, cfg.run.seed)
@@ -104,7 +106,6 @@ def build_trainer(cfg: Any) -> Run:
                         rank=rank, world_size=world, device=device, timer=timer, optimizer=created[0], ema=ema)
     evaluator = Evaluator(cfg=cfg, components=components, engine=engine, ema=ema, rank=rank,
                           world_size=world, device=device)
-    peak = measure_peak_flops(device, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32)
 
     def throughput(seconds: float, tokens: int) -> dict:
         tokens_per_s = tokens / max(seconds, 1e-9)
