@@ -54,6 +54,7 @@ _BOUNDS: tuple[tuple[str, Any, str], ...] = (
     ("train.log_every", lambda v: v >= 1, "must be >= 1"),
     ("train.ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1) (0 disables the EMA)"),
     ("train.max_nonfinite_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.t_min", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("checkpoint.every", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.keep_last", lambda v: v >= 0, "must be >= 0 (0 keeps all)"),
     ("eval.every", lambda v: v >= 0, "must be >= 0 (0 disables evaluation)"),

@@ -52,7 +52,7 @@ class Evaluator:
                 if self.components.is_diffusion:
                     result = estimate_nelbo(nelbo_fn(self.components, network), self.batches(),
                                             num_t_samples=self.cfg.eval.num_t_samples,
-                                            seed=self.cfg.run.seed + step, eps=self._eps(),
+                                            seed=self.cfg.run.seed + step, eps=self.cfg.train.t_min,
                                             all_reduce_sum=reduce, rank=self.rank,
                                             batch_kwargs=doc_batch_kwargs(self.cfg))
                 else:
@@ -61,9 +61,6 @@ class Evaluator:
         finally:
             module.train(was_training)
         return {f"val/{k}": result[k] for k in ("nll", "ppl", "bpd") if k in result}
-
-    def _eps(self) -> float:
-        return float(getattr(self.cfg.schedule.cfg, "eps", 1e-3))
 
 
 @contextlib.contextmanager

@@ -93,18 +93,18 @@ class TrainStep:
         self.accumulation = self.global_batch // (self.micro * world_size)
         self.doc_attention = bool(cfg.data.document_attention)
         self.network = NetworkCall(engine, cfg.engine.precision, device, components.is_diffusion)
-        self.time_kind = getattr(cfg.loss.cfg, "time_sampling", "antithetic")
-        self.eps = getattr(cfg.schedule.cfg, "eps", 1e-3) if cfg.schedule is not None else 0.0
+        from udmtrain.diffusion.time_sampling import TIME_SAMPLERS
+
+        self.draw_times = TIME_SAMPLERS[cfg.train.time_sampling]
+        self.t_min = cfg.train.t_min
         self.last_grad_norm: float | None = None
 
     def _times(self, step: int, micro_index: int) -> torch.Tensor | None:
         if not self.components.is_diffusion:
             return None
-        from udmtrain.diffusion.time_sampling import sample_times
-
         start = (micro_index * self.world + self.rank) * self.micro
-        return sample_times(self.time_kind, self.global_batch, step, self.cfg.run.seed, self.eps, start,
-                            self.micro).to(self.device)
+        return self.draw_times(self.global_batch, step, self.cfg.run.seed, self.t_min, start,
+                               self.micro).to(self.device)
 
     def __call__(self, batches: Any, step: int):
         from udmtrain.train.trainer import StepResult
