@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from udmtrain.models.attention import SelfAttention
+from udmtrain.models.flops import transformer_flops_per_token
 from udmtrain.models.layers import MLP, LayerNorm, TimestepEmbedder, TokenEmbedding, modulate, resolve_size
 from udmtrain.registry import MODEL
 
@@ -211,7 +212,5 @@ class DiT(nn.Module):
         return self.final(h_BLD, c_BC)
 
     def num_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (see ``udmtrain.models.flops.flops_per_token``)."""
-        from udmtrain.models.flops import flops_per_token
-
-        return flops_per_token(self, seq_len)
+        """Training FLOPs per token ``6 N_matmul + 12 num_blocks D seq_len`` (``udmtrain.models.flops``)."""
+        return transformer_flops_per_token(self, seq_len)
