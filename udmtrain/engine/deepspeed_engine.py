@@ -231,29 +231,6 @@ def step(engine) -> float | None:
     return float(norm)
 
 
-def all_reduce_mean(values: Mapping[str, float]) -> dict[str, float]:
-    """Mean of each scalar across ranks (one float64 all-reduce); identity without a process group."""
-    keys = sorted(values)
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return {k: float(values[k]) for k in keys}
-    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
-    buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
-    buf /= tdist.get_world_size()
-    return {k: float(v) for k, v in zip(keys, buf.tolist())}
-
-
-def all_ranks_agree(ok: bool) -> bool:
-    """Logical AND of ``ok`` over ranks (one all-reduce MIN), so every rank takes the same branch;
-    ``ok`` itself without a process group."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([int(ok)], device=device)
-    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 @contextlib.contextmanager
 def gathered_parameters(module: torch.nn.Module, modifier_rank: int | None = None) -> Iterator[None]:
     """Inside the block every parameter of ``module`` is full-sized on every rank (ZeRO-3 gathers).

@@ -62,6 +62,9 @@ class NoiseConditioner(nn.Module):
             self.match_vector = nn.Parameter(torch.zeros(dim))
         else:
             raise ValueError(f"NoiseConditioner: unknown noise_conditioning {mode!r}")
+        # the mode is resolved once here, not compared as a string on every forward
+        self.additive = mode == "shared_embedding"
+        self.own_table = mode == "separate_linear"
 
     def forward(
         self, emb_z_BLD: torch.Tensor, embedding: TokenEmbedding, xt_BL: torch.Tensor, noise_BL: torch.Tensor
@@ -69,10 +72,10 @@ class NoiseConditioner(nn.Module):
         """``Emb(z)`` [B, L, D], the shared table and the ids -> fused input [B, L, D] (``Emb(z)``'s dtype,
         so the residual stream stays fp32 under autocast)."""
         match_BL1 = (xt_BL == noise_BL).unsqueeze(-1).to(emb_z_BLD.dtype)
-        if self.mode == "shared_embedding":
+        if self.additive:
             emb_n_BLD = embedding(noise_BL)
             return emb_z_BLD + (1 - match_BL1) * self.noise_gate * emb_n_BLD + match_BL1 * self.match_vector
-        table = self.noise_embedding if self.mode == "separate_linear" else embedding
+        table = self.noise_embedding if self.own_table else embedding
         return self.fuse(torch.cat([emb_z_BLD, table(noise_BL), match_BL1], dim=-1)).to(emb_z_BLD.dtype)
 
 

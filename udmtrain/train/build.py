@@ -17,7 +17,7 @@ from udmtrain.train.components import (  # noqa: F401 (re-exported: the public b
     Components, NetworkCall, autocast_context, build_components, build_sampler, resolve_vocab_size)
 from udmtrain.train.evaluate import Evaluator, ar_nll_fn, ema_weights, nelbo_fn  # noqa: F401
 from udmtrain.train.step import TrainStep, make_skippable, skip_with_optimizer
-from udmtrain.utils.dist import print0
+from udmtrain.utils.dist import all_ranks_agree, print0
 
 __all__ = [  # the public build API (tools and tests import these from here)
     "Components", "Evaluator", "NetworkCall", "Run", "TrainStep", "ar_nll_fn", "autocast_context",
@@ -120,7 +120,7 @@ def build_trainer(cfg: Any) -> Run:
     def weights_finite() -> bool:
         # Each rank checks what it holds (ZeRO-3: its partition), then all ranks agree.
         local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-        return dse.all_ranks_agree(local)
+        return all_ranks_agree(local)
 
     signals = GracefulExit().__enter__()
     trainer = Trainer(

@@ -38,13 +38,14 @@ class Evaluator:
             yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def __call__(self, step: int) -> dict:
-        from udmtrain.eval.ppl import estimate_nelbo, exact_ar_nll, torch_all_reduce_sum
+        from udmtrain.eval.ppl import estimate_nelbo, exact_ar_nll
+        from udmtrain.utils.dist import all_reduce_sum
 
         module = self.engine.module
         was_training = module.training
         module.eval()
         network = NetworkCall(module, self.cfg.engine.precision, self.device, self.components.is_diffusion)
-        reduce = torch_all_reduce_sum if self.world > 1 else None
+        reduce = all_reduce_sum if self.world > 1 else None
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if self.ema is not None:

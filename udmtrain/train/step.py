@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from udmtrain.train.components import Components, NetworkCall
+from udmtrain.utils.dist import all_ranks_agree, all_reduce_sum
 
 
 def _micro_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -128,7 +129,7 @@ class TrainStep:
             sums += torch.stack([out.loss_sum.double().cpu(), out.nelbo_sum.double().cpu(),
                                  out.num_tokens.double().cpu()])
             if micro_index == self.accumulation - 1:
-                finite = self.dse.all_ranks_agree(finite)
+                finite = all_ranks_agree(finite)
                 self.optimizer.skip_next = not finite
             with self.timer("optimizer"):
                 norm = self.dse.step(self.engine)
@@ -136,19 +137,7 @@ class TrainStep:
         if finite and self.ema is not None:
             with self.timer("optimizer"), self.dse.gathered_parameters(self.engine.module):
                 self.ema.update(self.engine.module)
-        totals = self._all_reduce_sum(sums)
+        totals = all_reduce_sum(sums)
         tokens = max(totals[2].item(), 1.0)
         return StepResult(loss=totals[0].item() / tokens, nelbo=totals[1].item() / tokens,
                           num_tokens=int(totals[2].item()), skipped=not finite)
-
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as tdist
-
-        if not tdist.is_initialized() or tdist.get_world_size() == 1:
-            return values
-        buf = values.to(self._comm_device())
-        tdist.all_reduce(buf)
-        return buf.cpu()
-
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
