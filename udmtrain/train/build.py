@@ -17,7 +17,7 @@ from udmtrain.train.components import (  # noqa: F401 (re-exported: the public b
     Components, NetworkCall, autocast_context, build_components, build_sampler, resolve_vocab_size)
 from udmtrain.train.evaluate import Evaluator, ar_nll_fn, ema_weights, nelbo_fn  # noqa: F401
 from udmtrain.train.step import TrainStep, make_skippable, skip_with_optimizer
-from udmtrain.utils.dist import all_ranks_agree, print0
+from udmtrain.utils.dist import print0
 
 __all__ = [  # the public build API (tools and tests import these from here)
     "Components", "Evaluator", "NetworkCall", "Run", "TrainStep", "ar_nll_fn", "autocast_context",
@@ -57,7 +57,7 @@ def build_trainer(cfg: Any) -> Run:
     from udmtrain.train.metrics import MetricLogger, StepTimer, measure_peak_flops
     from udmtrain.train.signals import GracefulExit
     from udmtrain.train.state import TrainState
-    from udmtrain.train.trainer import Trainer
+    from udmtrain.train.trainer import TrainCheckpointer, Trainer
 
     rank, world, device = dse.init_distributed()
     manifest = check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
@@ -112,23 +112,13 @@ def build_trainer(cfg: Any) -> Run:
         return {"perf/tokens_per_s": tokens_per_s, "perf/step_s": seconds,
                 "perf/mfu": flops * tokens_per_s / (peak * world)}
 
-    def save(step: int) -> None:
-        state.data_cursor = train_loader.state_dict()
-        state.ema = ema.state_dict() if ema is not None else None
-        checkpointer.save(engine, step, state, recipe_dict, {"run_name": cfg.run.name, "vocab_size": vocab_size})
-
-    def weights_finite() -> bool:
-        # Each rank checks what it holds (ZeRO-3: its partition), then all ranks agree.
-        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-        return all_ranks_agree(local)
-
     signals = GracefulExit().__enter__()
     trainer = Trainer(
         state=state, max_steps=cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
-        batches=batches, step_fn=step_fn, metrics=metrics, should_eval=evaluator.should_eval,
-        evaluate=evaluator, should_save=checkpointer.should_save, save=save, weights_finite=weights_finite,
-        stop_requested=signals.should_exit, timer=timer, throughput=throughput,
-        lr_fn=lambda: engine.get_lr()[0], grad_norm_fn=lambda: step_fn.last_grad_norm)
+        batches=batches, step_fn=step_fn, metrics=metrics, evaluator=evaluator,
+        checkpointer=TrainCheckpointer(checkpointer, engine, state, train_loader, ema, recipe_dict,
+                                       {"run_name": cfg.run.name, "vocab_size": vocab_size}),
+        signals=signals, timer=timer, throughput=throughput)
 
     def close() -> None:
         signals.__exit__(None, None, None)

@@ -98,7 +98,6 @@ class TrainStep:
 
         self.draw_times = TIME_SAMPLERS[cfg.train.time_sampling]
         self.t_min = cfg.train.t_min
-        self.last_grad_norm: float | None = None
 
     def _times(self, step: int, micro_index: int) -> torch.Tensor | None:
         if not self.components.is_diffusion:
@@ -133,11 +132,11 @@ class TrainStep:
                 self.optimizer.skip_next = not finite
             with self.timer("optimizer"):
                 norm = self.dse.step(self.engine)
-        self.last_grad_norm = norm if finite else None
         if finite and self.ema is not None:
             with self.timer("optimizer"), self.dse.gathered_parameters(self.engine.module):
                 self.ema.update(self.engine.module)
         totals = all_reduce_sum(sums)
         tokens = max(totals[2].item(), 1.0)
         return StepResult(loss=totals[0].item() / tokens, nelbo=totals[1].item() / tokens,
-                          num_tokens=int(totals[2].item()), skipped=not finite)
+                          num_tokens=int(totals[2].item()), skipped=not finite,
+                          grad_norm=norm if finite else None, lr=float(self.engine.get_lr()[0]))
