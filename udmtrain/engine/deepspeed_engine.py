@@ -204,12 +204,6 @@ def create_engine(model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, ds_
     return engine
 
 
-def initialize(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: Any = None,
-               lr_scheduler: Any = None, compile: bool = False):
-    """Contract name (docs/architecture.md) for ``create_engine``."""
-    return create_engine(model, optimizer, lr_scheduler, ds_config, compile=compile)
-
-
 def step(engine) -> float | None:
     """``engine.step()`` returning the global L2 grad norm at an accumulation boundary, else None.
 

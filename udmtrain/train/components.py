@@ -94,8 +94,8 @@ class NetworkCall:
     Keyword arguments (``doc_ids_BL`` with ``data.document_attention``) pass through to the module.
     """
 
-    def __init__(self, module: Callable, precision: str, device: torch.device, diffusion: bool) -> None:
-        self.module, self.precision, self.device, self.diffusion = module, precision, device, diffusion
+    def __init__(self, module: Callable, precision: str, device: torch.device) -> None:
+        self.module, self.precision, self.device = module, precision, device
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         with autocast_context(self.precision, self.device):

@@ -14,8 +14,8 @@ class Evaluator:
     """Validation NELBO (diffusion) or exact NLL (AR) on the validation shards, with EMA weights.
 
     Decides its own cadence (``should_eval``); every rank takes part (the estimate is all-reduced).
-    With ``data.document_attention`` the batches pass through ``BatchDocIds``, so the NELBO / NLL
-    functions see each batch's ``doc_ids`` although ``udmtrain.eval.ppl`` hands them tokens only.
+    With ``data.document_attention`` the estimators pass each batch's ``doc_ids`` to the NELBO / NLL
+    functions as ``doc_ids_BL`` (``doc_batch_kwargs``).
     """
 
     def __init__(self, *, cfg: Any, components: Components, engine: Any, ema: Any, rank: int,
@@ -44,7 +44,7 @@ class Evaluator:
         module = self.engine.module
         was_training = module.training
         module.eval()
-        network = NetworkCall(module, self.cfg.engine.precision, self.device, self.components.is_diffusion)
+        network = NetworkCall(module, self.cfg.engine.precision, self.device)
         reduce = all_reduce_sum if self.world > 1 else None
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:

@@ -91,7 +91,7 @@ class Loaded:
 
     def network(self) -> NetworkCall:
         """The model under the recipe's autocast (``(xt_BL, sigma_B, noise_BL) -> logits`` or ``x -> logits``)."""
-        return NetworkCall(self.model, self.cfg.engine.precision, self.device, self.components.is_diffusion)
+        return NetworkCall(self.model, self.cfg.engine.precision, self.device)
 
     def protocol(self) -> dict:
         """JSON-able identity of the weights (recorded by every tool)."""

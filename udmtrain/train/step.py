@@ -93,7 +93,7 @@ class TrainStep:
         self.global_batch = cfg.engine.global_batch_size
         self.accumulation = self.global_batch // (self.micro * world_size)
         self.doc_attention = bool(cfg.data.document_attention)
-        self.network = NetworkCall(engine, cfg.engine.precision, device, components.is_diffusion)
+        self.network = NetworkCall(engine, cfg.engine.precision, device)
         from udmtrain.diffusion.time_sampling import TIME_SAMPLERS
 
         self.draw_times = TIME_SAMPLERS[cfg.train.time_sampling]

@@ -1,4 +1,5 @@
-"""Samplers (docs/architecture.md "Samplers"); importing this package registers every sampler.
+"""Samplers (docs/architecture.md "Samplers"); the sampler registry imports every module of this package,
+so a new sampler is one new file here.
 
 Registered names and the process capabilities they need (``udmtrain.diffusion.process.CAPABILITIES``):
 ``ancestral`` (none: the process's own reverse step), ``max_coupling`` (token_states), ``remdm``
@@ -6,7 +7,6 @@ Registered names and the process capabilities they need (``udmtrain.diffusion.pr
 ``confidence`` (none).
 """
 
-from udmtrain.diffusion.samplers import ancestral, confidence, pc, reaudm, remdm  # noqa: F401  (registration)
 from udmtrain.diffusion.samplers.base import SampleOutput, Sampler, SamplingRun
 
 __all__ = ["SampleOutput", "Sampler", "SamplingRun"]
