@@ -195,7 +195,7 @@ class UniformProcess(ForwardProcess):
         return Noised(uniform_plugin_step(probs_BLV, xt_BL, alpha_t_B1, alpha_s_B1, generator))
 
     def gibbs_conditional(self, logp_BLV, xt_BL, noise_BL, alpha_B1):
-        """``p_s(z^l = v | z^{-l}) = a_s Lo(v) + (1 - a_s)/V`` at every site (SPEC 2)."""
+        """``p_s(z^l = v | z^{-l}) = a_s Lo(v) + (1 - a_s)/V`` at every site (docs/theory.md §2)."""
         return F.noisy_conditional(logp_BLV, alpha_B1), torch.ones_like(xt_BL, dtype=torch.bool)
 
 

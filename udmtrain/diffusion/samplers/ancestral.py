@@ -50,7 +50,7 @@ class AncestralSampler(Sampler):
         super().__init__(*args, **kwargs)
         self.use_cache = (self.cfg.cache and not self.time_conditioning
                           and "time_free_posterior" in self.process.capabilities)
-        """Decided once: reuse predictions while z is unchanged (SPEC 10.17)."""
+        """Decided once: reuse predictions while z is unchanged (docs/theory.md §10)."""
         self.posterior = self.process.ancestral_posterior
 
     def step(self, run: SamplingRun, t: float, s: float) -> None:

@@ -87,8 +87,9 @@ class PCGibbsSampler(Sampler):
     @dataclass(kw_only=True, frozen=True)
     class Config(Sampler.Config):
         predictor: Literal["ancestral", "reaudm", "max_coupling"] = "ancestral"
-        """Predictor kernel: 'ancestral' (uniform: plug-in bridge, absorbing_uniform: AUDM),
-        'reaudm' (absorbing_uniform only) or 'max_coupling' (uniform only)."""
+        """Predictor: the step of that sampler, with this sampler's temperature/top_p: 'ancestral' (the
+        process's own step: uniform plug-in bridge, absorbing_uniform AUDM), 'reaudm' (needs
+        noise_tokens: absorbing_uniform) or 'max_coupling' (needs token_states)."""
         corrector_steps: int = 2
         """Gibbs sweeps after each corrected predictor step (each one network call)."""
         k_parallel: int = 12

@@ -42,7 +42,7 @@ def remdm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, remask_B1, mask_id: 
 
 @SAMPLER.register("remdm")
 class ReMDMSampler(Sampler):
-    """ReMDM with the remasking schedules of SPEC 5.4 (any process with a 'mask_state').
+    """ReMDM with the remasking schedules of docs/theory.md §5.4 (any process with a 'mask_state').
 
     ``zero`` (= MDLM), ``constant`` (``eta``), ``cap`` (``min(eta_cap, r_max)``), ``rescale``
     (``eta_rescale * r_max``), ``loop`` (time-warped alpha: linear 0 -> ``alpha_on`` for
@@ -54,7 +54,7 @@ class ReMDMSampler(Sampler):
     @dataclass(kw_only=True, frozen=True)
     class Config(Sampler.Config):
         sigma_schedule: Literal["zero", "constant", "cap", "rescale", "loop"] = "cap"
-        """Schedule of the remasking probability (the paper's sigma_t, SPEC 5.4)."""
+        """Schedule of the remasking probability (the paper's sigma_t, docs/theory.md §5.4)."""
         eta: float = 0.02
         """'constant': r_base = eta."""
         eta_cap: float = 0.04
