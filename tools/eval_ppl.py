@@ -101,7 +101,7 @@ def evaluate(loaded: inf.Loaded, spec: str, args, rank: int, world: int) -> dict
     network = loaded.network()
     if loaded.components.is_diffusion:
         K = args.num_t_samples or cfg.eval.num_t_samples
-        eps = float(getattr(cfg.schedule.cfg, "eps", 1e-3))
+        eps = float(cfg.train.t_min)
         return estimate_nelbo(nelbo_fn(loaded.components, network), batches, num_t_samples=K, seed=args.seed,
                               batch_kwargs=doc_batch_kwargs(loaded.cfg),
                               eps=eps, method=args.method, all_reduce_sum=reduce, rank=rank, protocol=protocol)

@@ -124,6 +124,10 @@ def render() -> str:
             requires = getattr(cls, "requires", None) or {}
             for fam, allowed in sorted(requires.items()):
                 out += [f"Requires {fam}: {', '.join(f'`{a}`' for a in sorted(allowed))}.", ""]
+            if getattr(cls, "needs", None):
+                out += [f"Needs process capabilities: {', '.join(f'`{c}`' for c in sorted(cls.needs))}.", ""]
+            if getattr(cls, "capabilities", None):
+                out += [f"Capabilities: {', '.join(f'`{c}`' for c in sorted(cls.capabilities))}.", ""]
             out += field_table(cls.Config, f"{section}.")
     out += ["## DeepSpeed escape hatch: `engine.deepspeed_extra`", "",
             "Top-level keys merged into the generated DeepSpeed config. Allowed: "

@@ -55,18 +55,16 @@ def loo_fn_for(loaded: inf.Loaded):
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from udmtrain.diffusion.samplers.base import process_kind
     from udmtrain.eval.probe import RecordingNetwork, loo_sensitivity_probe, plot_probe_curve
 
     args, unknown = build_parser().parse_known_args(argv)
     overrides = ([f"sampler.num_steps={args.steps}"] if args.steps else []) + inf.split_overrides(unknown)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema, device=device)
-    kind = process_kind(loaded.components.process) if loaded.components.is_diffusion else "autoregressive"
-    if kind != "uniform":
+    if not (loaded.components.is_diffusion and loaded.components.process.supports_loo):
         name = loaded.cfg.process.name if loaded.cfg.process is not None else "none (AR model)"
         raise inf.InferenceError(f"the LOO probe needs a model with a leave-one-out posterior (the uniform "
-                                 f"process); {loaded.step_dir} uses process {name!r}")
+                                 f"process or another declaring 'loo_posterior'); {loaded.step_dir} uses process {name!r}")
     recorder = RecordingNetwork(loaded.network())
     drawn = inf.draw_samples(loaded, args.num_samples, args.num_samples, args.seed, network=recorder)
     result = loo_sensitivity_probe(loo_fn_for(loaded), recorder.states, vocab_size=loaded.vocab_size,

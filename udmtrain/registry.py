@@ -16,7 +16,8 @@ A recipe picks a component by ``name:`` once, at build time (DESIGN C3/C4)::
 
 ``SCHEDULE.get("loglinear")`` imports the family's modules (``FAMILY_MODULES``) on first use, so
 ``import udmtrain`` stays cheap. That import table is the single sanctioned "upward" edge of the
-layering (DESIGN section 4).
+layering (DESIGN section 4). An entry ``"package.*"`` means every module of that package, so a new
+component is one new file in its family's package (no table or ``__init__`` to edit).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -31,16 +33,24 @@ T = TypeVar("T")
 
 # family -> modules whose import registers that family's components.
 FAMILY_MODULES: dict[str, tuple[str, ...]] = {
-    "model": ("udmtrain.models.dit", "udmtrain.models.ar"),
-    "process": ("udmtrain.diffusion.process",),
-    "schedule": ("udmtrain.diffusion.schedule",),
-    "parameterization": ("udmtrain.diffusion.parameterization",),
-    "loss": ("udmtrain.diffusion.losses", "udmtrain.diffusion.ar_loss"),
-    "sampler": ("udmtrain.diffusion.samplers",),
+    "model": ("udmtrain.models.*",),
+    "process": ("udmtrain.diffusion.*",),
+    "schedule": ("udmtrain.diffusion.*",),
+    "parameterization": ("udmtrain.diffusion.*",),
+    "loss": ("udmtrain.diffusion.*",),
+    "sampler": ("udmtrain.diffusion.samplers.*",),
     "tokenizer": ("udmtrain.data.tokenizers",),
     "optimizer": ("udmtrain.engine.optim",),
     "lr_schedule": ("udmtrain.engine.optim",),
 }
+
+
+def expand_modules(entry: str) -> list[str]:
+    """``"pkg.*"`` -> ``pkg`` and every module directly inside it (sorted); any other entry -> itself."""
+    if not entry.endswith(".*"):
+        return [entry]
+    package = importlib.import_module(entry[:-2])
+    return [package.__name__] + sorted(f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__))
 
 
 class RegistryError(Exception):
@@ -104,7 +114,8 @@ class Registry(Generic[T]):
             return
         self._imported = True
         for module in FAMILY_MODULES.get(self.family, ()):
-            importlib.import_module(module)
+            for name in expand_modules(module):
+                importlib.import_module(name)
 
     def names(self) -> list[str]:
         """Sorted registered names (imports the family's modules first)."""

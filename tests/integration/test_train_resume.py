@@ -1,7 +1,9 @@
 """Exact resume through the real launchers: 4 steps straight == 2 steps + stop + ``checkpoint.resume=auto``
 + 2 steps, bit for bit (per-step losses, every tensor of the DeepSpeed shards: weights, fp32 master
 partitions, Adam moments; EMA; the data cursor), for ZeRO 1 (1 process, fp32), ZeRO 2 (2 ranks,
-``deepspeed --num_gpus 2``, fp32) and ZeRO 3 (2 ranks, bf16, the straight run under ``torchrun``).
+``deepspeed --num_gpus 2``, fp32) and ZeRO 3 (2 ranks, bf16, the straight run under ``torchrun``); and
+with dropout on (the paper's 0.1), whose masks come from the RNG states the checkpoint restores, for 1
+and 2 ranks.
 """
 
 from __future__ import annotations
@@ -100,3 +102,17 @@ def test_resume_2ranks_zero3_torchrun_is_exact(tiny_data, runs_root, precision):
     th.check_ok(proc, straight, STEPS)
     resumed, _, _ = _split_run(tiny_data, runs_root, "split_z3", extra, "deepspeed", 2)
     _assert_equivalent(straight, resumed, 2)
+
+
+@pytest.mark.parametrize("nproc,launcher,extra", [
+    (1, "python", RESUME_1RANK), (2, "deepspeed", ("engine.zero_stage=2", "engine.global_batch_size=8"))],
+    ids=["1rank", "2ranks"])
+def test_resume_with_dropout_is_exact(tiny_data, runs_root, nproc, launcher, extra):
+    # nothing may draw from the global RNG between the restore of its state and the first step
+    extra = (*extra, "model.dropout=0.1")
+    straight = runs_root / f"straight_dropout{nproc}"
+    proc = th.run("recipes/quickstart.yaml", th.tiny_overrides(tiny_data, runs_root, straight.name, *extra,
+                                                              f"train.max_steps={STEPS}"), launcher, nproc)
+    th.check_ok(proc, straight, STEPS)
+    resumed, _, _ = _split_run(tiny_data, runs_root, f"split_dropout{nproc}", extra, launcher, nproc)
+    _assert_equivalent(straight, resumed, nproc)

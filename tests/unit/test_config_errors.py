@@ -40,10 +40,12 @@ class ARTransformerModel:
 
 class MaskedProcess:
     Config = _config()
+    capabilities = frozenset({"mask_state", "time_free_posterior"})
 
 
 class UniformProcess:
     Config = _config()
+    capabilities = frozenset({"loo_posterior"})
 
 
 class LogLinearSchedule:
@@ -79,8 +81,8 @@ class AncestralSampler:
     Config = _config(num_steps=(int, 1000), cache=(bool, False), top_p=(float | None, None))
 
     @staticmethod
-    def requires_for(cfg):
-        return {"process": frozenset({"masked"})} if cfg.cache else {}
+    def required_capabilities(cfg):
+        return frozenset({"time_free_posterior"}) if cfg.cache else frozenset()
 
 
 class GPT2Tokenizer:
@@ -311,8 +313,11 @@ def test_config_dependent_requirement_and_override_origin(tmp_path):
     path = write(tmp_path, "r.yaml", GOOD)
     (issue,) = issues_of(path, ["process.name=uniform"])
     assert issue.path == "sampler.name"
-    assert issue.message == ("sampler 'ancestral' requires process 'masked', but process.name='uniform' "
-                             "(command line arg 1)")
+    assert issue.message == ("sampler 'ancestral' needs process capabilities ['time_free_posterior'], which "
+                             "process.name='uniform' (command line arg 1) does not declare (processes that do: "
+                             "masked)")
+    assert issue.hint == ("Fix: set process.name=masked, or choose another sampler than 'ancestral' or change "
+                          "its settings")
     rc = load_recipe(path, ["process.name=uniform", "sampler.cache=false"])
     assert rc.process.name == "uniform" and rc.origins["sampler.cache"] == "command line arg 2"
 

@@ -94,6 +94,30 @@ def test_lazy_import_of_family_modules(tmp_path, monkeypatch):
     assert "udm_fake_gadgets" in sys.modules
 
 
+def test_a_new_file_in_a_family_package_registers_itself(tmp_path, monkeypatch):
+    registry = Registry("widget")
+    monkeypatch.setitem(reg.FAMILY_MODULES, "widget", ("udm_fake_widgets.*",))
+    monkeypatch.setattr(reg, "REGISTRIES", {**reg.REGISTRIES, "widget": registry})
+    package = tmp_path / "udm_fake_widgets"
+    package.mkdir()
+    (package / "__init__.py").write_text("")  # lists nothing: the registry finds the files
+    for name in ("knob", "dial"):
+        (package / f"{name}.py").write_text(textwrap.dedent(f"""
+            import dataclasses
+            from udmtrain.registry import registry
+
+            @registry("widget").register("{name}")
+            class W:
+                @dataclasses.dataclass(kw_only=True, frozen=True)
+                class Config:
+                    pass
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert registry.names() == ["dial", "knob"]
+    assert reg.expand_modules("udm_fake_widgets.*") == ["udm_fake_widgets", "udm_fake_widgets.dial",
+                                                         "udm_fake_widgets.knob"]
+
+
 def test_unknown_family():
     with pytest.raises(KeyError, match="unknown component family 'gizmo'"):
         reg.registry("gizmo")

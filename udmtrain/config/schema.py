@@ -81,6 +81,12 @@ class TrainSection:
     0 disables the EMA."""
     max_nonfinite_steps: int = 20
     """Abort after this many consecutive steps with a non-finite loss or gradient."""
+    time_sampling: Literal["antithetic", "iid"] = "antithetic"
+    """How one diffusion time per sequence is drawn: 'antithetic' (stratified over the global batch:
+    one draw in each of its equal strata, lower variance) or 'iid'."""
+    t_min: float = 1e-3
+    """Smallest diffusion time drawn, t in [t_min, 1), for training and the validation NELBO; a
+    trainer setting, separate from the schedule's eps (MDLM's training.sampling_eps)."""
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

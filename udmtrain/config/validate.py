@@ -2,7 +2,8 @@
 
 Values are converted by ``coerce.coerce`` (rules in ``coerce.COERCION_RULES``); unknown keys get
 did-you-mean suggestions (keys at that level first, then every leaf path). Component sections are
-checked against the registered class's ``Config`` and its ``requires`` table.
+checked against the registered class's ``Config``, its ``requires`` table (sibling names) and, for a
+class with ``required_capabilities(cfg)`` (samplers), the capabilities the chosen process declares.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _BOUNDS: tuple[tuple[str, Any, str], ...] = (
     ("train.log_every", lambda v: v >= 1, "must be >= 1"),
     ("train.ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1) (0 disables the EMA)"),
     ("train.max_nonfinite_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.t_min", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("checkpoint.every", lambda v: v >= 1, "must be >= 1"),
     ("checkpoint.keep_last", lambda v: v >= 0, "must be >= 0 (0 keeps all)"),
     ("eval.every", lambda v: v >= 0, "must be >= 0 (0 disables evaluation)"),
@@ -252,6 +254,7 @@ def cross_checks(built: dict[str, Any], classes: dict[str, type], checker: _Chec
     engine = built["engine"]
     if engine is None:
         _check_requires(built, classes, checker)
+        _check_capabilities(built, classes, checker)
         return checker.issues[before:]
     if engine.zero_stage in range(4) and engine.micro_batch_size >= 1 and engine.global_batch_size >= 1:
         per_step = engine.micro_batch_size * world_size
@@ -269,6 +272,7 @@ def cross_checks(built: dict[str, Any], classes: dict[str, type], checker: _Chec
                     "Fix: set engine.zero_stage=3 or engine.offload_param=false", value=True)
     _check_deepspeed_extra(engine.deepspeed_extra, checker)
     _check_requires(built, classes, checker)
+    _check_capabilities(built, classes, checker)
     return checker.issues[before:]
 
 
@@ -294,22 +298,12 @@ def _check_deepspeed_extra(extra: dict[str, Any], checker: _Checker) -> None:
 
 
 def _check_requires(built: dict[str, Any], classes: dict[str, type], checker: _Checker) -> None:
-    """Each component's ``requires`` ({family: allowed names}) against the chosen siblings.
-
-    A class may also define ``requires_for(cfg) -> Mapping[str, frozenset[str]]`` for requirements
-    that depend on its settings (e.g. a cached sampler needing the masked process); both are checked.
-    """
+    """Each component's ``requires`` ({family: allowed names}) against the chosen siblings."""
     for section, cls in classes.items():
         spec = built.get(section)
         if spec is None:
             continue
-        needs: dict[str, set[str]] = {}
-        for table in (getattr(cls, "requires", None) or {},
-                      cls.requires_for(spec.cfg) if hasattr(cls, "requires_for") else {}):
-            for family, names in table.items():
-                needs.setdefault(family, set(names))
-                needs[family] &= set(names)
-        for family, allowed in needs.items():
+        for family, allowed in (getattr(cls, "requires", None) or {}).items():
             family_word = COMPONENT_SECTIONS[section]
             allowed_text = " or ".join(repr(a) for a in sorted(allowed))
             for other in (s for s, f in COMPONENT_SECTIONS.items() if f == family):
@@ -327,3 +321,34 @@ def _check_requires(built: dict[str, Any], classes: dict[str, type], checker: _C
                     f"{section}.name", checker.origin(f"{section}.name"), message,
                     f"Fix: set {other}.name={first}, or choose another {family_word} than {spec.name!r}",
                     spec.name))
+
+
+def _check_capabilities(built: dict[str, Any], classes: dict[str, type], checker: _Checker) -> None:
+    """``cls.required_capabilities(cfg)`` (capability words, e.g. a sampler's) against the ``capabilities``
+    the chosen process class declares: the same check the sampler's constructor makes, at config time."""
+    process = built.get("process")
+    process_cls = classes.get("process") if process is not None else None
+    have = set(getattr(process_cls, "capabilities", ()))
+    for section, cls in classes.items():
+        spec = built.get(section)
+        need_fn = getattr(cls, "required_capabilities", None)
+        if spec is None or need_fn is None or section == "process":
+            continue
+        needed = set(need_fn(spec.cfg))
+        missing = sorted(needed - have)
+        if not missing:
+            continue
+        processes = registry("process")
+        ok = [n for n in processes.names() if needed <= set(getattr(processes.get(n), "capabilities", ()))]
+        subject = f"{COMPONENT_SECTIONS[section]} {spec.name!r} needs process capabilities {missing}"
+        if process is None:
+            message = f"{subject}, but no 'process' section is set"
+        else:
+            message = (f"{subject}, which process.name={process.name!r} ({checker.origin('process.name')}) "
+                       f"does not declare")
+        fix = f"Fix: set process.name={ok[0]}, or" if ok else "Fix:"
+        checker.issues.append(ConfigIssue(
+            f"{section}.name", checker.origin(f"{section}.name"),
+            message + (f" (processes that do: {', '.join(ok)})" if ok else ""),
+            f"{fix} choose another {COMPONENT_SECTIONS[section]} than {spec.name!r} or change its settings",
+            spec.name))

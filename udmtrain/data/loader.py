@@ -186,8 +186,11 @@ class TrainLoader:
         if self.num_workers == 0:
             self._it = iter(stream)
         else:
+            # a private generator for the DataLoader's worker base seed (unused: the stream seeds itself),
+            # so starting the workers never draws from the global RNG a resume has just restored
             self._loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                                       prefetch_factor=2)
+                                                       prefetch_factor=2,
+                                                       generator=torch.Generator().manual_seed(self.seed))
             self._it = iter(self._loader)
 
     def __iter__(self) -> TrainLoader:

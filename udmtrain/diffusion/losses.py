@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -20,13 +20,7 @@ from udmtrain.diffusion.parameterization import Parameterization
 from udmtrain.diffusion.process import ForwardProcess, Noised
 from udmtrain.registry import LOSS
 
-TIME_SAMPLING = ("antithetic", "iid")
 NELBO_NAMES = ("plugin_nelbo", "max_coupling_nelbo", "mdlm_nelbo", "audm_nelbo")
-
-
-def _check_time_sampling(cfg, name: str) -> None:
-    if cfg.time_sampling not in TIME_SAMPLING:
-        raise ValueError(f"loss {name}: time_sampling must be one of {TIME_SAMPLING}, got {cfg.time_sampling!r}")
 
 
 class DiffusionLoss(abc.ABC):
@@ -63,11 +57,7 @@ class PluginNelboLoss(DiffusionLoss):
 
     @dataclass(kw_only=True, frozen=True)
     class Config:
-        time_sampling: Literal["antithetic", "iid"] = "antithetic"
-        """How the trainer draws one t per sequence: stratified over the global batch, or i.i.d."""
-
-        def __post_init__(self) -> None:
-            _check_time_sampling(self, "plugin_nelbo")
+        pass
 
     def __init__(self, cfg: Config | None = None, process: ForwardProcess | None = None) -> None:
         super().__init__(cfg if cfg is not None else self.Config(), process)
@@ -85,11 +75,7 @@ class MaxCouplingNelboLoss(DiffusionLoss):
 
     @dataclass(kw_only=True, frozen=True)
     class Config:
-        time_sampling: Literal["antithetic", "iid"] = "antithetic"
-        """How the trainer draws one t per sequence: stratified over the global batch, or i.i.d."""
-
-        def __post_init__(self) -> None:
-            _check_time_sampling(self, "max_coupling_nelbo")
+        pass
 
     def __init__(self, cfg: Config | None = None, process: ForwardProcess | None = None) -> None:
         super().__init__(cfg if cfg is not None else self.Config(), process)
@@ -107,11 +93,7 @@ class MDLMNelboLoss(DiffusionLoss):
 
     @dataclass(kw_only=True, frozen=True)
     class Config:
-        time_sampling: Literal["antithetic", "iid"] = "antithetic"
-        """How the trainer draws one t per sequence: stratified over the global batch, or i.i.d."""
-
-        def __post_init__(self) -> None:
-            _check_time_sampling(self, "mdlm_nelbo")
+        pass
 
     def __init__(self, cfg: Config | None = None, process: ForwardProcess | None = None) -> None:
         super().__init__(cfg if cfg is not None else self.Config(), process)
@@ -129,11 +111,7 @@ class AUDMNelboLoss(DiffusionLoss):
 
     @dataclass(kw_only=True, frozen=True)
     class Config:
-        time_sampling: Literal["antithetic", "iid"] = "antithetic"
-        """How the trainer draws one t per sequence: stratified over the global batch, or i.i.d."""
-
-        def __post_init__(self) -> None:
-            _check_time_sampling(self, "audm_nelbo")
+        pass
 
     def __init__(self, cfg: Config | None = None, process: ForwardProcess | None = None) -> None:
         super().__init__(cfg if cfg is not None else self.Config(), process)
@@ -158,14 +136,11 @@ class CrossEntropyLoss(DiffusionLoss):
 
     @dataclass(kw_only=True, frozen=True)
     class Config:
-        time_sampling: Literal["antithetic", "iid"] = "antithetic"
-        """How the trainer draws one t per sequence: stratified over the global batch, or i.i.d."""
         bound: str = "auto"
         """NELBO logged as ``nll``: auto (the process's own) or plugin_nelbo / max_coupling_nelbo /
         mdlm_nelbo / audm_nelbo (must suit the process)."""
 
         def __post_init__(self) -> None:
-            _check_time_sampling(self, "cross_entropy")
             if self.bound not in ("auto", *NELBO_NAMES):
                 raise ValueError(
                     f"loss cross_entropy: bound must be 'auto' or one of {NELBO_NAMES}, got {self.bound!r}"
@@ -187,4 +162,4 @@ def nelbo_loss_for(loss: DiffusionLoss, process: ForwardProcess) -> DiffusionLos
     name = getattr(loss.cfg, "bound", "auto")
     name = process.natural_nelbo if name == "auto" else name
     cls = LOSS.get(name)
-    return cls(cls.Config(time_sampling=loss.cfg.time_sampling), process)
+    return cls(cls.Config(), process)

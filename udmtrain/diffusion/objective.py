@@ -21,7 +21,7 @@ from udmtrain.diffusion.losses import DiffusionLoss, nelbo_loss_for
 from udmtrain.diffusion.parameterization import Parameterization
 from udmtrain.diffusion.process import ForwardProcess
 from udmtrain.diffusion.schedule import Schedule
-from udmtrain.diffusion.time_sampling import iid_times, sample_times, stratified_times  # noqa: F401 (re-export)
+from udmtrain.diffusion.time_sampling import antithetic_times, iid_times, sample_times  # noqa: F401 (re-export)
 
 
 class LossOutput(NamedTuple):

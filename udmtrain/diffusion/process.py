@@ -1,8 +1,15 @@
-"""Forward noise processes ``q_t(z | x)``, all factorised over positions (SPEC 1.1-1.3).
+"""Forward noise processes ``q_t(z | x)``, all factorised over positions (SPEC 1.1-1.3), and what
+each one owns for sampling: its prior, its ancestral reverse step, its carry-over, its Gibbs
+corrector conditional and the capabilities it declares (``CAPABILITIES``).
 
-Shape legend: ``x0_BL``, ``xt_BL``, ``noise_BL`` LongTensor ``[B, L]``; ``alpha_B1`` float ``[B, 1]``.
-Randomness always comes from the ``generator`` argument (``None`` = torch's default generator); it
-must live on the device of the tensors.
+Shape legend: ``x0_BL``, ``xt_BL``, ``noise_BL`` LongTensor ``[B, L]``; ``alpha_B1`` float ``[B, 1]``;
+``*_probs_BLV`` probability vectors per position, ``alpha_t_B1`` / ``alpha_s_B1`` float64 ``[B, 1]``
+with ``s < t``. Randomness always comes from the ``generator`` argument (``None`` = torch's default
+generator); it must live on the device of the tensors.
+
+A new process is one file: subclass ``ForwardProcess``, register it with ``@PROCESS.register``,
+implement ``corrupt``, ``prior`` and ``ancestral_step`` and declare its ``capabilities``; samplers
+and the recipe validator read only those declarations, never the process's name.
 """
 
 from __future__ import annotations
@@ -10,12 +17,27 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from udmtrain.diffusion import functional as F
 from udmtrain.registry import PROCESS
+
+PredictionKind = Literal["denoiser", "loo"]
+
+CAPABILITIES: dict[str, str] = {
+    "loo_posterior": "the leave-one-out posterior Lo(x^l | z^{-l}) is defined (LOO parameterization, "
+                     "temperature_on='loo')",
+    "mask_state": "one absorbing mask state that clean tokens can be sent back to (remasking)",
+    "noise_tokens": "per-position noise tokens n travel with z (lifted bridge, noise resampling)",
+    "token_states": "every state is a real token (no extra mask state)",
+    "gibbs_corrector": "gibbs_conditional / gibbs_update are implemented (predictor-corrector sampling)",
+    "time_free_posterior": "the exact denoiser given z does not depend on t (a prediction may be reused "
+                           "while z is unchanged)",
+}
+"""The capability vocabulary: what a process may declare and a sampler may need (one word, one meaning)."""
 
 
 class Noised(NamedTuple):
@@ -30,14 +52,30 @@ class ForwardProcess(abc.ABC):
 
     Attributes: ``vocab_size`` (the tokenizer's V), ``num_states`` (network head width),
     ``mask_id`` (``None`` unless masked), ``uses_noise_tokens`` (AUDM), ``natural_nelbo`` (registry
-    name of the loss that is this process's NELBO: what the objective logs as ``nll``).
+    name of the loss that is this process's NELBO: what the objective logs as ``nll``),
+    ``capabilities`` (words of ``CAPABILITIES``), ``ancestral_posterior`` (the prediction its
+    ancestral step consumes) and ``corrector_posterior`` (the one ``gibbs_conditional`` consumes).
     """
 
     requires: ClassVar[Mapping[str, frozenset[str]]] = {}
     mask_id: int | None = None
     uses_noise_tokens: bool = False
     natural_nelbo: ClassVar[str]
-    supports_loo: ClassVar[bool] = False
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    ancestral_posterior: ClassVar[PredictionKind] = "denoiser"
+    corrector_posterior: ClassVar[PredictionKind] = "denoiser"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.capabilities) - set(CAPABILITIES)
+        if unknown:
+            raise TypeError(f"process {cls.__qualname__} declares unknown capabilities {sorted(unknown)}; "
+                            f"the vocabulary is {sorted(CAPABILITIES)} (udmtrain/diffusion/process.py)")
+
+    @property
+    def supports_loo(self) -> bool:
+        """Whether the leave-one-out posterior exists (``"loo_posterior"`` declared)."""
+        return "loo_posterior" in self.capabilities
 
     def __init__(self, cfg, vocab_size: int) -> None:
         if int(vocab_size) < 2:
@@ -63,6 +101,25 @@ class ForwardProcess(abc.ABC):
         """Bool ``[B, L]``: positions certainly clean given ``z_t`` (carry-over), or ``None`` if none are."""
         return None
 
+    @abc.abstractmethod
+    def ancestral_step(self, probs_BLV: Tensor, xt_BL: Tensor, noise_BL: Tensor | None, alpha_t_B1: Tensor,
+                       alpha_s_B1: Tensor, generator: torch.Generator) -> Noised:
+        """One reverse step ``t -> s``: draw ``z_s`` given ``z_t`` and the model's prediction.
+
+        ``probs_BLV`` is the ``ancestral_posterior`` object (probabilities, tempered/truncated by the
+        sampler). Returns the new state (``noise_BL`` carried or updated)."""
+
+    def gibbs_conditional(self, logp_BLV: Tensor, xt_BL: Tensor, noise_BL: Tensor | None,
+                          alpha_B1: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log conditional [B, L, V], eligible [B, L])`` of one site given the rest at time s, from
+        the ``corrector_posterior`` log-probs; only for processes declaring ``"gibbs_corrector"``."""
+        raise NotImplementedError(f"process {type(self).__name__} has no Gibbs corrector (it does not "
+                                  "declare 'gibbs_corrector')")
+
+    def gibbs_update(self, xt_BL: Tensor, noise_BL: Tensor | None, chosen_BL: Tensor, new_BL: Tensor) -> Noised:
+        """The state after resampling the ``chosen_BL`` sites to ``new_BL`` (default: ``z`` only)."""
+        return Noised(torch.where(chosen_BL, new_BL, xt_BL), noise_BL)
+
     # shared helpers --------------------------------------------------------------------
     @staticmethod
     def _keep(x0_BL: Tensor, alpha_B1: Tensor, generator) -> Tensor:
@@ -79,6 +136,7 @@ class MaskedProcess(ForwardProcess):
     """Absorbing process: ``q_t(z | x) = alpha e_x + (1 - alpha) e_m`` with mask id ``m = V`` (SPEC 1.1)."""
 
     natural_nelbo = "mdlm_nelbo"
+    capabilities = frozenset({"mask_state", "time_free_posterior"})
 
     @dataclass(kw_only=True, frozen=True)
     class Config:
@@ -103,13 +161,19 @@ class MaskedProcess(ForwardProcess):
     def prior(self, batch_size, seq_len, generator, device="cpu") -> Noised:
         return Noised(torch.full((batch_size, seq_len), self.mask_id, dtype=torch.long, device=device))
 
+    def ancestral_step(self, probs_BLV, xt_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) -> Noised:
+        """MDLM update (:func:`mdlm_step`) with the denoiser."""
+        return Noised(mdlm_step(probs_BLV, xt_BL, alpha_t_B1, alpha_s_B1, self.mask_id, generator))
+
 
 @PROCESS.register("uniform")
 class UniformProcess(ForwardProcess):
     """Uniform process: ``q_t(z | x) = alpha e_x + (1 - alpha)/V 1`` over exactly V states (SPEC 1.2, 10.5)."""
 
     natural_nelbo = "plugin_nelbo"
-    supports_loo = True
+    capabilities = frozenset({"loo_posterior", "token_states", "gibbs_corrector"})
+    ancestral_posterior = "loo"
+    corrector_posterior = "loo"
 
     @dataclass(kw_only=True, frozen=True)
     class Config:
@@ -126,6 +190,14 @@ class UniformProcess(ForwardProcess):
     def prior(self, batch_size, seq_len, generator, device="cpu") -> Noised:
         return Noised(self._uniform_tokens((batch_size, seq_len), generator, device))
 
+    def ancestral_step(self, probs_BLV, xt_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) -> Noised:
+        """UDLM plug-in bridge (:func:`uniform_plugin_step`) fed the LOO (``ancestral_posterior``)."""
+        return Noised(uniform_plugin_step(probs_BLV, xt_BL, alpha_t_B1, alpha_s_B1, generator))
+
+    def gibbs_conditional(self, logp_BLV, xt_BL, noise_BL, alpha_B1):
+        """``p_s(z^l = v | z^{-l}) = a_s Lo(v) + (1 - a_s)/V`` at every site (docs/theory.md §2)."""
+        return F.noisy_conditional(logp_BLV, alpha_B1), torch.ones_like(xt_BL, dtype=torch.bool)
+
 
 @PROCESS.register("absorbing_uniform")
 class AbsorbingUniformProcess(ForwardProcess):
@@ -137,6 +209,7 @@ class AbsorbingUniformProcess(ForwardProcess):
 
     uses_noise_tokens = True
     natural_nelbo = "audm_nelbo"
+    capabilities = frozenset({"noise_tokens", "token_states", "gibbs_corrector"})
 
     @dataclass(kw_only=True, frozen=True)
     class Config:
@@ -159,3 +232,86 @@ class AbsorbingUniformProcess(ForwardProcess):
     def prior(self, batch_size, seq_len, generator, device="cpu") -> Noised:
         noise = self._uniform_tokens((batch_size, seq_len), generator, device)
         return Noised(noise.clone(), noise)
+
+    def ancestral_step(self, probs_BLV, xt_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) -> Noised:
+        """AUDM carry-over update (:func:`audm_step`); ``n`` never changes."""
+        return Noised(audm_step(probs_BLV, xt_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator), noise_BL)
+
+    def gibbs_conditional(self, logp_BLV, xt_BL, noise_BL, alpha_B1):
+        """:func:`audm_conditional` at the active sites (``z = n``), the only eligible ones."""
+        return audm_conditional(logp_BLV, xt_BL, alpha_B1), xt_BL == noise_BL
+
+    def gibbs_update(self, xt_BL, noise_BL, chosen_BL, new_BL) -> Noised:
+        """A resampled site stays active: ``z = n = new`` there."""
+        return Noised(torch.where(chosen_BL, new_BL, xt_BL), torch.where(chosen_BL, new_BL, noise_BL))
+
+
+# ---------------------------------------------------------------------------- reverse kernels
+# Each draws every position independently given ``z_t`` (the usual factorised reverse step): exact per
+# position, and exact for the joint law as the number of steps grows (then at most one position changes
+# per step). ``categorical`` is imported inside the kernels: the samplers package imports this module.
+
+def add_keep(w_BLV: torch.Tensor, z_BL: torch.Tensor, weight_B1: torch.Tensor) -> torch.Tensor:
+    """``w + weight * e_{z}`` in place (the 'stay where you are' part of a kernel), float64 ``[B, L, V]``.
+
+    A scatter instead of a one-hot: at V = 50k a float64 one-hot would be one more ``[B, L, V]`` copy."""
+    keep_BL1 = weight_B1.to(torch.float64).expand(z_BL.shape)[..., None].contiguous()
+    return w_BLV.scatter_add_(-1, z_BL[..., None], keep_BL1)
+
+
+def mdlm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, mask_id: int, generator) -> torch.Tensor:
+    """MDLM ancestral update (SPEC 5.4): ``z_s ~ Cat((a_s - a_t) x̂ + (1 - a_s) e_{z_t})`` at masked
+    positions (the weights sum to ``1 - a_t``; Gumbel-argmax needs no normalisation); clean tokens
+    are frozen whatever the prediction says. The mask column of ``x̂`` is ignored."""
+    from udmtrain.diffusion.samplers import categorical as cat
+
+    x0 = den_probs_BLV.to(torch.float64)
+    w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * x0
+    w[..., mask_id] = 0.0
+    w = add_keep(w, z_BL, 1 - alpha_s_B1)
+    z_s = cat.sample_from_probs(w, generator)
+    return torch.where(z_BL == mask_id, z_s, z_BL)
+
+
+def uniform_plugin_step(loo_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
+    """UDLM reverse step (SPEC 1.2, 5.4): ``z_s ~ N(x̂)/Z(x̂)``, the bridge with ``x̂ = Lo`` plugged in.
+
+    Must be fed the LOO (SPEC 10.8): by linearity of ``N``, ``N(Lo)/Z(Lo) = sum_v D(v) q(z_s | z_t, v)``,
+    the exact posterior mixture of bridges; plugging ``D`` double-counts the own token.
+    """
+    from udmtrain.diffusion.samplers import categorical as cat
+
+    p = loo_probs_BLV.to(torch.float64)
+    probs = F.uniform_bridge(p, z_BL, alpha_t_B1.to(p.dtype), alpha_s_B1.to(p.dtype))
+    return cat.sample_from_probs(probs, generator)
+
+
+def audm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
+    """AUDM ancestral update (SPEC 4): MDLM with the per-position mask token ``n``.
+
+    Active positions (``z = n``) draw ``z_s ~ Cat((a_s - a_t) p + (1 - a_s) e_{z_t})`` (they stay at
+    ``n`` w.p. ``((1-a_s) + (a_s-a_t) p(n)) / (1-a_t)``); inactive ones (``z != n``) are clean and
+    frozen; ``n`` never changes.
+    """
+    from udmtrain.diffusion.samplers import categorical as cat
+
+    w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * den_probs_BLV.to(torch.float64)
+    w = add_keep(w, z_BL, 1 - alpha_s_B1)
+    z_s = cat.sample_from_probs(w, generator)
+    return torch.where(z_BL == noise_BL, z_s, z_BL)
+
+
+def audm_conditional(den_logp_BLV, z_BL, alpha_B1) -> torch.Tensor:
+    """``log P(z^l = n^l = v | rest, active)`` from the AUDM posterior at active sites -> ``[B, L, V]``.
+
+    Per position ``P(z=v, n=u | x) = [(1-a) 1[u=v] + a 1[v=x]] / V``; at an active site (``z = n = i``)
+    the posterior is ``D_A(x) ∝ Lo_A(x) [(1-a) + a 1[x=i]]``, so
+    ``log Lo_A = log_softmax(log D_A + log(1-a) e_{z})``; result ``log((1-a) + a Lo_A) - log(V(1-a) + a)``.
+    Rows of inactive sites are meaningless (never selected). The full argument is in
+    ``udmtrain/diffusion/samplers/pc.py``.
+    """
+    V = den_logp_BLV.shape[-1]
+    a = alpha_B1.to(den_logp_BLV.dtype)[..., None]
+    shift = torch.zeros_like(den_logp_BLV).scatter_(-1, z_BL[..., None], 1.0) * torch.log1p(-a)
+    loo = torch.log_softmax(den_logp_BLV + shift, dim=-1)
+    return torch.logaddexp(torch.log1p(-a), torch.log(a) + loo) - torch.log(V * (1 - a) + a)

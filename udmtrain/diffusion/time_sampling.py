@@ -37,7 +37,7 @@ def _slice(global_batch: int, start: int, count: int | None) -> tuple[int, int]:
     return start, count
 
 
-def stratified_times(global_batch: int, step: int, seed: int, eps: float = 1e-3, start: int = 0,
+def antithetic_times(global_batch: int, step: int, seed: int, eps: float = 1e-3, start: int = 0,
                      count: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Stratified ("antithetic") times ``t_B`` for this rank's slice ``[start, start + count)``.
 
@@ -59,12 +59,13 @@ def iid_times(global_batch: int, step: int, seed: int, eps: float = 1e-3, start:
     return ((1 - eps) * u + eps)[start:start + count].to(dtype)
 
 
-TIME_SAMPLERS = {"antithetic": stratified_times, "iid": iid_times}
+TIME_SAMPLERS = {"antithetic": antithetic_times, "iid": iid_times}
+"""``train.time_sampling`` -> the function drawing this rank's slice of the global time vector."""
 
 
 def sample_times(kind: str, global_batch: int, step: int, seed: int, eps: float = 1e-3, start: int = 0,
                  count: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Dispatch on a loss's ``cfg.time_sampling`` (``"antithetic"`` or ``"iid"``)."""
+    """Dispatch on ``train.time_sampling`` (``"antithetic"`` or ``"iid"``), with ``eps`` = ``train.t_min``."""
     try:
         fn = TIME_SAMPLERS[kind]
     except KeyError:

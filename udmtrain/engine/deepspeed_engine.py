@@ -204,12 +204,6 @@ def create_engine(model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, ds_
     return engine
 
 
-def initialize(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: Any = None,
-               lr_scheduler: Any = None, compile: bool = False):
-    """Contract name (docs/architecture.md) for ``create_engine``."""
-    return create_engine(model, optimizer, lr_scheduler, ds_config, compile=compile)
-
-
 def step(engine) -> float | None:
     """``engine.step()`` returning the global L2 grad norm at an accumulation boundary, else None.
 
@@ -229,29 +223,6 @@ def step(engine) -> float | None:
     if norm is None:
         return own_norm
     return float(norm)
-
-
-def all_reduce_mean(values: Mapping[str, float]) -> dict[str, float]:
-    """Mean of each scalar across ranks (one float64 all-reduce); identity without a process group."""
-    keys = sorted(values)
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return {k: float(values[k]) for k in keys}
-    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
-    buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
-    buf /= tdist.get_world_size()
-    return {k: float(v) for k, v in zip(keys, buf.tolist())}
-
-
-def all_ranks_agree(ok: bool) -> bool:
-    """Logical AND of ``ok`` over ranks (one all-reduce MIN), so every rank takes the same branch;
-    ``ok`` itself without a process group."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([int(ok)], device=device)
-    tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 @contextlib.contextmanager

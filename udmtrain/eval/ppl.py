@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from udmtrain.utils.dist import all_reduce_sum as torch_all_reduce_sum  # noqa: F401 (the tools' name)
+
 NelboFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 """``nelbo_fn(x0_BL, valid_BL, t_B, generator) -> nelbo_BL``: per-token NELBO integrand at time t."""
 NllFn = Callable[[torch.Tensor, torch.Tensor], Any]
@@ -246,20 +248,3 @@ def exact_ar_nll(nll_fn: NllFn, batches: Iterable[Any], *, all_reduce_sum: AllRe
     if protocol:
         record.update(protocol)
     return _finish(stats_S, all_reduce_sum, record)
-
-
-def torch_all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``all_reduce_sum`` over the default torch.distributed group (identity when not initialised).
-
-    The statistics vector lives on the CPU; NCCL groups need it on the GPU, so it is moved to the
-    current CUDA device for the collective when the backend is not gloo."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    if dist.get_backend() != "gloo" and torch.cuda.is_available():
-        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(on_device)
-        return on_device.cpu()
-    dist.all_reduce(tensor)
-    return tensor

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from udmtrain.models.attention import SelfAttention
+from udmtrain.models.flops import transformer_flops_per_token
 from udmtrain.models.layers import MLP, LayerNorm, TokenEmbedding, resolve_size
 from udmtrain.registry import MODEL
 
@@ -109,7 +110,5 @@ class ARTransformer(nn.Module):
         return F.cross_entropy(logits_BLV.transpose(1, 2), x_BL[:, 1:], reduction="none")
 
     def num_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (see ``udmtrain.models.flops.flops_per_token``)."""
-        from udmtrain.models.flops import flops_per_token
-
-        return flops_per_token(self, seq_len)
+        """Training FLOPs per token ``6 N_matmul + 12 num_blocks D seq_len`` (``udmtrain.models.flops``)."""
+        return transformer_flops_per_token(self, seq_len)

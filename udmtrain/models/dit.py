@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from udmtrain.models.attention import SelfAttention
+from udmtrain.models.flops import transformer_flops_per_token
 from udmtrain.models.layers import MLP, LayerNorm, TimestepEmbedder, TokenEmbedding, modulate, resolve_size
 from udmtrain.registry import MODEL
 
@@ -61,6 +62,9 @@ class NoiseConditioner(nn.Module):
             self.match_vector = nn.Parameter(torch.zeros(dim))
         else:
             raise ValueError(f"NoiseConditioner: unknown noise_conditioning {mode!r}")
+        # the mode is resolved once here, not compared as a string on every forward
+        self.additive = mode == "shared_embedding"
+        self.own_table = mode == "separate_linear"
 
     def forward(
         self, emb_z_BLD: torch.Tensor, embedding: TokenEmbedding, xt_BL: torch.Tensor, noise_BL: torch.Tensor
@@ -68,10 +72,10 @@ class NoiseConditioner(nn.Module):
         """``Emb(z)`` [B, L, D], the shared table and the ids -> fused input [B, L, D] (``Emb(z)``'s dtype,
         so the residual stream stays fp32 under autocast)."""
         match_BL1 = (xt_BL == noise_BL).unsqueeze(-1).to(emb_z_BLD.dtype)
-        if self.mode == "shared_embedding":
+        if self.additive:
             emb_n_BLD = embedding(noise_BL)
             return emb_z_BLD + (1 - match_BL1) * self.noise_gate * emb_n_BLD + match_BL1 * self.match_vector
-        table = self.noise_embedding if self.mode == "separate_linear" else embedding
+        table = self.noise_embedding if self.own_table else embedding
         return self.fuse(torch.cat([emb_z_BLD, table(noise_BL), match_BL1], dim=-1)).to(emb_z_BLD.dtype)
 
 
@@ -170,6 +174,8 @@ class DiT(nn.Module):
         dim, num_blocks, num_heads = cfg.dims()
         self.cfg, self.vocab_size, self.uses_noise_tokens = cfg, vocab_size, uses_noise_tokens
         self.hidden_size, self.num_blocks = dim, num_blocks
+        self.time_conditioning = bool(cfg.time_conditioning)
+        """Whether the output depends on ``sigma_B`` (samplers read it: ``build_sampler``)."""
         self.embedding = TokenEmbedding(vocab_size, dim)
         self.noise_conditioner = (
             NoiseConditioner(cfg.noise_conditioning, vocab_size, dim) if uses_noise_tokens else None
@@ -201,7 +207,7 @@ class DiT(nn.Module):
         h_BLD = self.embedding(xt_BL)
         if self.noise_conditioner is not None:
             h_BLD = self.noise_conditioner(h_BLD, self.embedding, xt_BL, noise_BL)
-        if not self.cfg.time_conditioning:
+        if not self.time_conditioning:
             sigma_B = torch.zeros_like(sigma_B)
         c_BC = nn.functional.silu(self.time_embedding(sigma_B))
         for block in self.blocks:
@@ -209,7 +215,5 @@ class DiT(nn.Module):
         return self.final(h_BLD, c_BC)
 
     def num_flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (see ``udmtrain.models.flops.flops_per_token``)."""
-        from udmtrain.models.flops import flops_per_token
-
-        return flops_per_token(self, seq_len)
+        """Training FLOPs per token ``6 N_matmul + 12 num_blocks D seq_len`` (``udmtrain.models.flops``)."""
+        return transformer_flops_per_token(self, seq_len)

@@ -12,7 +12,9 @@ Training FLOPs per token (Kaplan et al. 2020 / PaLM appendix B convention)::
   x3 for training = ``12 * D * seq_len``. Counted in full for causal attention too (the usual MFU
   convention; the kernel skips about half of that work).
 
-MFU = flops_per_token * tokens_per_second / peak_flops.
+MFU = flops_per_token * tokens_per_second / peak_flops. Each model reports its own count
+(``num_flops_per_token(seq_len)``; the transformers here use ``transformer_flops_per_token``), so a new
+architecture counts itself and this module names none.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from udmtrain.models.layers import TokenEmbedding
 
-_PER_SEQUENCE = ("adaLN", "time_embedding")  # names of per-sequence submodules of the DiT
+_PER_SEQUENCE = ("adaLN", "time_embedding")  # names of per-sequence submodules (time conditioning)
 
 
 def num_params(model: nn.Module, *, exclude_embeddings: bool = False) -> int:
@@ -43,21 +45,22 @@ def num_matmul_params(model: nn.Module) -> int:
     return total
 
 
-def _num_blocks_and_dim(model: nn.Module) -> tuple[int, int]:
+def transformer_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """``6 N_matmul + 12 num_blocks D seq_len`` (module docstring) for a model exposing ``num_blocks``
+    and ``hidden_size``: what a transformer's ``num_flops_per_token`` returns."""
     try:
-        return int(model.num_blocks), int(model.hidden_size)
+        num_blocks, dim = int(model.num_blocks), int(model.hidden_size)
     except AttributeError:
-        raise TypeError(
-            f"flops_per_token: {type(model).__name__} lacks num_blocks/hidden_size; pass a udmtrain model"
-        ) from None
+        raise TypeError(f"transformer_flops_per_token: {type(model).__name__} lacks num_blocks/hidden_size") from None
+    return float(6 * num_matmul_params(model) + 12 * num_blocks * dim * seq_len)
 
 
 def flops_per_token(model_or_cfg: nn.Module | object, seq_len: int, *, vocab_size: int | None = None,
                     uses_noise_tokens: bool = False) -> float:
-    """Training FLOPs per token ``6 N_matmul + 12 num_blocks D seq_len`` (module docstring).
+    """Training FLOPs per token, as the model counts itself (``model.num_flops_per_token(seq_len)``).
 
-    ``model_or_cfg``: a built model, or a ``DiT.Config`` / ``ARTransformer.Config`` (then
-    ``vocab_size`` is required and the model is instantiated on the meta device: no memory).
+    ``model_or_cfg``: a built model, or the ``Config`` of a registered model (then ``vocab_size`` is
+    required and the model is instantiated on the meta device: no memory).
     """
     if isinstance(model_or_cfg, nn.Module):
         model = model_or_cfg
@@ -65,17 +68,21 @@ def flops_per_token(model_or_cfg: nn.Module | object, seq_len: int, *, vocab_siz
         if vocab_size is None:
             raise TypeError("flops_per_token(cfg, seq_len): vocab_size= is required when given a Config")
         model = build_on_meta(model_or_cfg, vocab_size, uses_noise_tokens)
-    num_blocks, dim = _num_blocks_and_dim(model)
-    return float(6 * num_matmul_params(model) + 12 * num_blocks * dim * seq_len)
+    count = getattr(model, "num_flops_per_token", None)
+    if count is None:
+        raise TypeError(f"flops_per_token: {type(model).__name__} has no num_flops_per_token(seq_len); every "
+                        "udmtrain model counts its own FLOPs (see udmtrain.models.flops)")
+    return float(count(seq_len))
 
 
 def build_on_meta(cfg: object, vocab_size: int, uses_noise_tokens: bool = False) -> nn.Module:
-    """Instantiate the model class owning ``cfg`` on the meta device (shapes only, for counting)."""
-    from udmtrain.models.ar import ARTransformer
-    from udmtrain.models.dit import DiT
+    """Instantiate the registered model class whose ``Config`` is ``type(cfg)`` on the meta device
+    (shapes only, for counting)."""
+    from udmtrain.registry import MODEL
 
-    for cls in (DiT, ARTransformer):
-        if isinstance(cfg, cls.Config):
+    for name in MODEL.names():
+        cls = MODEL.get(name)
+        if type(cfg) is cls.Config:
             with torch.device("meta"):
                 return cls(cfg, vocab_size, uses_noise_tokens)
-    raise TypeError(f"build_on_meta: {type(cfg).__qualname__} is not a DiT or ARTransformer Config")
+    raise TypeError(f"build_on_meta: {type(cfg).__qualname__} is not the Config of a registered model")

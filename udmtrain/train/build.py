@@ -57,7 +57,7 @@ def build_trainer(cfg: Any) -> Run:
     from udmtrain.train.metrics import MetricLogger, StepTimer, measure_peak_flops
     from udmtrain.train.signals import GracefulExit
     from udmtrain.train.state import TrainState
-    from udmtrain.train.trainer import Trainer
+    from udmtrain.train.trainer import TrainCheckpointer, Trainer
 
     rank, world, device = dse.init_distributed()
     manifest = check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
@@ -86,6 +86,8 @@ def build_trainer(cfg: Any) -> Run:
     if cfg.train.ema_decay > 0:
         with dse.gathered_parameters(engine.module):
             ema = EMA(engine.module, decay=cfg.train.ema_decay)
+    # measured before the checkpoint restores the RNG states (it uses a private generator anyway)
+    peak = measure_peak_flops(device, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32)
     state = TrainState()
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every, cfg.checkpoint.keep_last, cfg.checkpoint.resume)
     train_loader = build_train_loader(cfg.data, cfg.engine.micro_batch_size, rank, world, cfg.run.seed)
@@ -105,30 +107,19 @@ def build_trainer(cfg: Any) -> Run:
                         rank=rank, world_size=world, device=device, timer=timer, optimizer=created[0], ema=ema)
     evaluator = Evaluator(cfg=cfg, components=components, engine=engine, ema=ema, rank=rank,
                           world_size=world, device=device)
-    peak = measure_peak_flops(device, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32)
 
     def throughput(seconds: float, tokens: int) -> dict:
         tokens_per_s = tokens / max(seconds, 1e-9)
         return {"perf/tokens_per_s": tokens_per_s, "perf/step_s": seconds,
                 "perf/mfu": flops * tokens_per_s / (peak * world)}
 
-    def save(step: int) -> None:
-        state.data_cursor = train_loader.state_dict()
-        state.ema = ema.state_dict() if ema is not None else None
-        checkpointer.save(engine, step, state, recipe_dict, {"run_name": cfg.run.name, "vocab_size": vocab_size})
-
-    def weights_finite() -> bool:
-        # Each rank checks what it holds (ZeRO-3: its partition), then all ranks agree.
-        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-        return dse.all_ranks_agree(local)
-
     signals = GracefulExit().__enter__()
     trainer = Trainer(
         state=state, max_steps=cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
-        batches=batches, step_fn=step_fn, metrics=metrics, should_eval=evaluator.should_eval,
-        evaluate=evaluator, should_save=checkpointer.should_save, save=save, weights_finite=weights_finite,
-        stop_requested=signals.should_exit, timer=timer, throughput=throughput,
-        lr_fn=lambda: engine.get_lr()[0], grad_norm_fn=lambda: step_fn.last_grad_norm)
+        batches=batches, step_fn=step_fn, metrics=metrics, evaluator=evaluator,
+        checkpointer=TrainCheckpointer(checkpointer, engine, state, train_loader, ema, recipe_dict,
+                                       {"run_name": cfg.run.name, "vocab_size": vocab_size}),
+        signals=signals, timer=timer, throughput=throughput)
 
     def close() -> None:
         signals.__exit__(None, None, None)

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 import yaml
 
 import udmtrain
 from udmtrain.engine import deepspeed_engine as dse
 from udmtrain.train.state import FORMAT_VERSION, TrainState
-from udmtrain.utils.dist import get_rank, get_world_size, print0
+from udmtrain.utils.dist import all_ranks_agree, broadcast_object, get_rank, get_world_size, print0
 from udmtrain.utils.rng import capture_rng_state, restore_rng_state
 
 _STEP_RE = re.compile(r"^step_(\d{10})$")
@@ -227,12 +226,12 @@ class Checkpointer:
             torch.save(state, tmp / f"rank{rank}_state.pt")
         except BaseException as err:  # noqa: BLE001 - re-raised after the ranks agree
             ok, error = False, err
-        if dse.all_ranks_agree(ok) and rank == 0:
+        if all_ranks_agree(ok) and rank == 0:
             try:
                 self._finalize(tmp, final, step, train_state, recipe_dict, meta or {}, world)
             except BaseException as err:  # noqa: BLE001
                 ok, error = False, err
-        if not dse.all_ranks_agree(ok):
+        if not all_ranks_agree(ok):
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             if error is not None:
@@ -314,7 +313,4 @@ def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
 
 def _rank0_pid() -> int:
     """Rank 0's pid on every rank (names the shared tmp directory)."""
-    pid = [os.getpid()]
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.broadcast_object_list(pid, src=0)
-    return int(pid[0])
+    return int(broadcast_object(os.getpid(), src=0))

@@ -8,7 +8,6 @@ module to the objective's network signature under the recipe's autocast.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,24 +51,23 @@ def build_components(cfg: Any, vocab_size: int, *, with_sampler: bool = True) ->
     loss = LOSS.build(cfg.loss.name, cfg.loss.cfg, process=process)
     model = MODEL.build(cfg.model.name, cfg.model.cfg, vocab_size=process.num_states,
                         uses_noise_tokens=process.uses_noise_tokens)
-    sampler = None
-    if with_sampler and cfg.sampler is not None:
-        sampler = build_sampler(cfg.sampler.name, cfg.sampler.cfg, cfg.model.cfg, schedule, process, param)
     objective = DiffusionObjective(schedule, process, param, loss)
-    return Components(model=model, objective=objective, process=process, schedule=schedule,
-                      parameterization=param, loss=loss, sampler=sampler)
+    components = Components(model=model, objective=objective, process=process, schedule=schedule,
+                            parameterization=param, loss=loss)
+    if with_sampler and cfg.sampler is not None:
+        components.sampler = build_sampler(cfg.sampler, components)
+    return components
 
 
-def build_sampler(name: str, sampler_cfg: Any, model_cfg: Any, schedule: Any, process: Any, param: Any) -> Any:
-    """The sampler ``name``; its ``time_conditioned`` flag follows the model's ``time_conditioning``.
-
-    The masked sampler's prediction cache is exact only for a network that ignores time (SPEC
-    10.17), so a time-conditioned network silently using it would be wrong: the flag is taken
-    from the model rather than trusted from a second, separately edited field.
+def build_sampler(sampler_spec: Any, components: Components) -> Any:
+    """The one way to build a sampler: ``sampler_spec`` (a recipe's ``sampler`` section: ``.name``,
+    ``.cfg``) on the process / schedule / parameterization of ``components``, told by the model
+    whether the network uses its time input (``model.time_conditioning``; a model that does not say
+    is assumed to use it, which only disables a prediction cache that would be exact only without it).
     """
-    if hasattr(sampler_cfg, "time_conditioned") and hasattr(model_cfg, "time_conditioning"):
-        sampler_cfg = dataclasses.replace(sampler_cfg, time_conditioned=bool(model_cfg.time_conditioning))
-    return SAMPLER.build(name, sampler_cfg, schedule=schedule, process=process, parameterization=param)
+    return SAMPLER.build(sampler_spec.name, sampler_spec.cfg, schedule=components.schedule,
+                         process=components.process, parameterization=components.parameterization,
+                         time_conditioning=bool(getattr(components.model, "time_conditioning", True)))
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -96,8 +94,8 @@ class NetworkCall:
     Keyword arguments (``doc_ids_BL`` with ``data.document_attention``) pass through to the module.
     """
 
-    def __init__(self, module: Callable, precision: str, device: torch.device, diffusion: bool) -> None:
-        self.module, self.precision, self.device, self.diffusion = module, precision, device, diffusion
+    def __init__(self, module: Callable, precision: str, device: torch.device) -> None:
+        self.module, self.precision, self.device = module, precision, device
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         with autocast_context(self.precision, self.device):

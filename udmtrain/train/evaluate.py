@@ -14,8 +14,8 @@ class Evaluator:
     """Validation NELBO (diffusion) or exact NLL (AR) on the validation shards, with EMA weights.
 
     Decides its own cadence (``should_eval``); every rank takes part (the estimate is all-reduced).
-    With ``data.document_attention`` the batches pass through ``BatchDocIds``, so the NELBO / NLL
-    functions see each batch's ``doc_ids`` although ``udmtrain.eval.ppl`` hands them tokens only.
+    With ``data.document_attention`` the estimators pass each batch's ``doc_ids`` to the NELBO / NLL
+    functions as ``doc_ids_BL`` (``doc_batch_kwargs``).
     """
 
     def __init__(self, *, cfg: Any, components: Components, engine: Any, ema: Any, rank: int,
@@ -38,13 +38,14 @@ class Evaluator:
             yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def __call__(self, step: int) -> dict:
-        from udmtrain.eval.ppl import estimate_nelbo, exact_ar_nll, torch_all_reduce_sum
+        from udmtrain.eval.ppl import estimate_nelbo, exact_ar_nll
+        from udmtrain.utils.dist import all_reduce_sum
 
         module = self.engine.module
         was_training = module.training
         module.eval()
-        network = NetworkCall(module, self.cfg.engine.precision, self.device, self.components.is_diffusion)
-        reduce = torch_all_reduce_sum if self.world > 1 else None
+        network = NetworkCall(module, self.cfg.engine.precision, self.device)
+        reduce = all_reduce_sum if self.world > 1 else None
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if self.ema is not None:
@@ -52,7 +53,7 @@ class Evaluator:
                 if self.components.is_diffusion:
                     result = estimate_nelbo(nelbo_fn(self.components, network), self.batches(),
                                             num_t_samples=self.cfg.eval.num_t_samples,
-                                            seed=self.cfg.run.seed + step, eps=self._eps(),
+                                            seed=self.cfg.run.seed + step, eps=self.cfg.train.t_min,
                                             all_reduce_sum=reduce, rank=self.rank,
                                             batch_kwargs=doc_batch_kwargs(self.cfg))
                 else:
@@ -61,9 +62,6 @@ class Evaluator:
         finally:
             module.train(was_training)
         return {f"val/{k}": result[k] for k in ("nll", "ppl", "bpd") if k in result}
-
-    def _eps(self) -> float:
-        return float(getattr(self.cfg.schedule.cfg, "eps", 1e-3))
 
 
 @contextlib.contextmanager

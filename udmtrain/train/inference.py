@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from udmtrain.train.build import Components, NetworkCall, build_components
+from udmtrain.train.build import Components, NetworkCall, build_components, build_sampler
 from udmtrain.train.checkpoint import LATEST, is_complete
 
 
@@ -91,7 +91,7 @@ class Loaded:
 
     def network(self) -> NetworkCall:
         """The model under the recipe's autocast (``(xt_BL, sigma_B, noise_BL) -> logits`` or ``x -> logits``)."""
-        return NetworkCall(self.model, self.cfg.engine.precision, self.device, self.components.is_diffusion)
+        return NetworkCall(self.model, self.cfg.engine.precision, self.device)
 
     def protocol(self) -> dict:
         """JSON-able identity of the weights (recorded by every tool)."""
@@ -340,15 +340,13 @@ def with_sampler(loaded: Loaded, overrides: Sequence[str]) -> Loaded:
     import dataclasses
 
     from udmtrain.config import load_recipe
-    from udmtrain.registry import SAMPLER
 
     cfg = load_recipe(os.fspath(loaded.step_dir / "recipe.yaml"), list(overrides))
     c = loaded.components
     if cfg.sampler is None or not c.is_diffusion:
         raise InferenceError(f"{loaded.step_dir}: no sampler to rebuild (autoregressive run or no sampler section)")
     try:
-        sampler = SAMPLER.build(cfg.sampler.name, cfg.sampler.cfg, schedule=c.schedule, process=c.process,
-                                parameterization=c.parameterization)
+        sampler = build_sampler(cfg.sampler, c)
     except ValueError as err:
         raise InferenceError(f"sampler {cfg.sampler.name!r}: {err}") from err
     return dataclasses.replace(loaded, cfg=cfg, components=dataclasses.replace(c, sampler=sampler))

@@ -43,7 +43,8 @@ def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = 
     """Peak matmul FLOP/s of ``device`` in ``dtype`` (cached per process).
 
     CUDA devices found in the datasheet table return its dense peak; anything else is measured with
-    a ``size^3`` matmul probe: ``2 size^3 / best time`` over ``repeats`` runs after one warm-up.
+    a ``size^3`` matmul probe: ``2 size^3 / best time`` over ``repeats`` runs after one warm-up. The
+    global RNG states are left untouched.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -51,8 +52,11 @@ def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = 
         for key, dt, peak in _GPU_PEAK:
             if key in name and dt == dtype:
                 return peak
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # a private generator: the probe must not move the global RNG (dropout draws from it, and a resumed
+    # run has just restored it from the checkpoint)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    b = torch.randn(size, size, device=device, generator=gen).to(dtype)
     best = math.inf
     for i in range(repeats + 1):
         _sync(device)

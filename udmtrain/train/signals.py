@@ -13,8 +13,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as tdist
+from udmtrain.utils.dist import any_rank
 
 
 class GracefulExit:
@@ -46,10 +45,5 @@ class GracefulExit:
 
     def should_exit(self) -> bool:
         """True on every rank if any rank received a signal (collective when a group exists)."""
-        if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-            return self.requested
-        device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([int(self.requested)], device=device)
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        self.requested = bool(flag.item())
+        self.requested = any_rank(self.requested)
         return self.requested

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from udmtrain.train.components import Components, NetworkCall
+from udmtrain.utils.dist import all_ranks_agree, all_reduce_sum
 
 
 def _micro_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -92,19 +93,18 @@ class TrainStep:
         self.global_batch = cfg.engine.global_batch_size
         self.accumulation = self.global_batch // (self.micro * world_size)
         self.doc_attention = bool(cfg.data.document_attention)
-        self.network = NetworkCall(engine, cfg.engine.precision, device, components.is_diffusion)
-        self.time_kind = getattr(cfg.loss.cfg, "time_sampling", "antithetic")
-        self.eps = getattr(cfg.schedule.cfg, "eps", 1e-3) if cfg.schedule is not None else 0.0
-        self.last_grad_norm: float | None = None
+        self.network = NetworkCall(engine, cfg.engine.precision, device)
+        from udmtrain.diffusion.time_sampling import TIME_SAMPLERS
+
+        self.draw_times = TIME_SAMPLERS[cfg.train.time_sampling]
+        self.t_min = cfg.train.t_min
 
     def _times(self, step: int, micro_index: int) -> torch.Tensor | None:
         if not self.components.is_diffusion:
             return None
-        from udmtrain.diffusion.time_sampling import sample_times
-
         start = (micro_index * self.world + self.rank) * self.micro
-        return sample_times(self.time_kind, self.global_batch, step, self.cfg.run.seed, self.eps, start,
-                            self.micro).to(self.device)
+        return self.draw_times(self.global_batch, step, self.cfg.run.seed, self.t_min, start,
+                               self.micro).to(self.device)
 
     def __call__(self, batches: Any, step: int):
         from udmtrain.train.trainer import StepResult
@@ -128,27 +128,15 @@ class TrainStep:
             sums += torch.stack([out.loss_sum.double().cpu(), out.nelbo_sum.double().cpu(),
                                  out.num_tokens.double().cpu()])
             if micro_index == self.accumulation - 1:
-                finite = self.dse.all_ranks_agree(finite)
+                finite = all_ranks_agree(finite)
                 self.optimizer.skip_next = not finite
             with self.timer("optimizer"):
                 norm = self.dse.step(self.engine)
-        self.last_grad_norm = norm if finite else None
         if finite and self.ema is not None:
             with self.timer("optimizer"), self.dse.gathered_parameters(self.engine.module):
                 self.ema.update(self.engine.module)
-        totals = self._all_reduce_sum(sums)
+        totals = all_reduce_sum(sums)
         tokens = max(totals[2].item(), 1.0)
         return StepResult(loss=totals[0].item() / tokens, nelbo=totals[1].item() / tokens,
-                          num_tokens=int(totals[2].item()), skipped=not finite)
-
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as tdist
-
-        if not tdist.is_initialized() or tdist.get_world_size() == 1:
-            return values
-        buf = values.to(self._comm_device())
-        tdist.all_reduce(buf)
-        return buf.cpu()
-
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
+                          num_tokens=int(totals[2].item()), skipped=not finite,
+                          grad_norm=norm if finite else None, lr=float(self.engine.get_lr()[0]))

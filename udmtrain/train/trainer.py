@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 
 from udmtrain.utils.dist import print0
 
@@ -27,15 +28,48 @@ class StepResult:
     nelbo: float
     num_tokens: int
     skipped: bool
+    grad_norm: float | None = None
+    """Global gradient norm before clipping; None when the update was skipped."""
+    lr: float = 0.0
+    """Learning rate the schedule gives the next step."""
+
+
+class TrainCheckpointer:
+    """The trainer's checkpointer: decides the cadence and writes everything a bit-exact resume needs.
+
+    ``checkpointer`` (``udmtrain.train.checkpoint.Checkpointer``) writes the engine shards and the
+    ``TrainState``; this adds the data cursor and the EMA to the state first, and checks the weights.
+    """
+
+    def __init__(self, checkpointer: Any, engine: Any, state: Any, loader: Any, ema: Any, recipe: dict,
+                 meta: dict) -> None:
+        self.checkpointer, self.engine, self.state, self.loader, self.ema = checkpointer, engine, state, loader, ema
+        self.recipe, self.meta = recipe, meta
+
+    def should_save(self, step: int) -> bool:
+        return self.checkpointer.should_save(step)
+
+    def weights_finite(self) -> bool:
+        """True on every rank iff every rank's weights (ZeRO-3: its partition) are finite."""
+        from udmtrain.utils.dist import all_ranks_agree
+
+        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.engine.module.parameters())
+        return all_ranks_agree(local)
+
+    def save(self, step: int) -> None:
+        self.state.data_cursor = self.loader.state_dict()
+        self.state.ema = self.ema.state_dict() if self.ema is not None else None
+        self.checkpointer.save(self.engine, step, self.state, self.recipe, self.meta)
 
 
 class Trainer:
     """Runs ``train_step`` until ``max_steps``; logging, eval and checkpoints decide their cadence.
 
-    Everything is injected (DESIGN C12): ``step_fn(batch_iter, step) -> StepResult`` performs the
-    forward/backward/optimizer work of one optimizer step through the engine; ``evaluate(step)``
-    returns validation metrics; ``save(step, final)`` writes a checkpoint; ``metrics`` logs;
-    ``stop_requested()`` reports a SIGTERM/SIGINT agreed by all ranks.
+    ``step_fn(batch_iter, step) -> StepResult`` performs the forward/backward/optimizer work of one
+    optimizer step through the engine; ``evaluator`` (``should_eval(step)``, ``evaluator(step) ->
+    metrics``) and ``checkpointer`` (``TrainCheckpointer``) decide their own cadence; ``metrics`` logs;
+    ``signals.should_exit()`` reports a SIGTERM/SIGINT agreed by all ranks; ``throughput(seconds,
+    tokens)`` turns a step's time into the perf scalars.
     """
 
     def __init__(
@@ -47,16 +81,11 @@ class Trainer:
         batches: Any,
         step_fn: Callable[[Any, int], StepResult],
         metrics: Any,
-        should_eval: Callable[[int], bool],
-        evaluate: Callable[[int], dict],
-        should_save: Callable[[int], bool],
-        save: Callable[[int], None],
-        weights_finite: Callable[[], bool],
-        stop_requested: Callable[[], bool],
+        evaluator: Any,
+        checkpointer: TrainCheckpointer,
+        signals: Any,
         timer: Any,
         throughput: Callable[[float, int], dict],
-        lr_fn: Callable[[], float],
-        grad_norm_fn: Callable[[], float | None],
     ) -> None:
         self.state = state
         self.max_steps = max_steps
@@ -64,11 +93,8 @@ class Trainer:
         self.batches = batches
         self.step_fn = step_fn
         self.metrics = metrics
-        self.should_eval, self.evaluate = should_eval, evaluate
-        self.should_save, self.save, self.weights_finite = should_save, save, weights_finite
-        self.stop_requested = stop_requested
+        self.evaluator, self.checkpointer, self.signals = evaluator, checkpointer, signals
         self.timer, self.throughput = timer, throughput
-        self.lr_fn, self.grad_norm_fn = lr_fn, grad_norm_fn
 
     def train(self) -> str:
         """Train to ``max_steps``; returns why it stopped: 'done', 'signal' or 'nonfinite'."""
@@ -96,12 +122,12 @@ class Trainer:
                        f"(train.max_nonfinite_steps={self.max_nonfinite_steps}); the last good "
                        "checkpoint is left intact. Lower optim.lr or check the data.")
                 break
-            if self.should_eval(state.step):
-                self.metrics.log(state.step, self.evaluate(state.step))
-            stop = self.stop_requested()
-            if stop or self.should_save(state.step) or state.step == self.max_steps:
-                if state.num_nonfinite == 0 and self.weights_finite():
-                    self.save(state.step)
+            if self.evaluator.should_eval(state.step):
+                self.metrics.log(state.step, self.evaluator(state.step))
+            stop = self.signals.should_exit()
+            if stop or self.checkpointer.should_save(state.step) or state.step == self.max_steps:
+                if state.num_nonfinite == 0 and self.checkpointer.weights_finite():
+                    self.checkpointer.save(state.step)
                 else:  # never let `latest` point at diverging or NaN weights
                     reason = "nonfinite"
                     print0(f"stopping at step {state.step}: the weights or the loss are not finite, so no "
@@ -119,12 +145,11 @@ class Trainer:
             "train/loss": result.loss,
             "train/nll": result.nelbo,
             "train/ppl_bound": math.exp(min(result.nelbo, 50.0)),
-            "train/lr": self.lr_fn(),
+            "train/lr": result.lr,
             "train/tokens_seen": self.state.tokens_seen,
             "train/skipped_steps": self.state.total_skipped,
         }
-        grad_norm = self.grad_norm_fn()
-        if grad_norm is not None:
-            scalars["train/grad_norm"] = grad_norm
+        if result.grad_norm is not None:
+            scalars["train/grad_norm"] = result.grad_norm
         scalars.update(step_times)
         self.metrics.log(self.state.step, scalars)

@@ -9,7 +9,7 @@ from enum_oracle import ExactNetwork, all_sequences, random_law
 from udmtrain.diffusion.losses import nelbo_loss_for
 from udmtrain.diffusion.objective import ARObjective, DiffusionObjective
 from udmtrain.diffusion.process import Noised
-from udmtrain.diffusion.time_sampling import iid_times, sample_times, stratified_times
+from udmtrain.diffusion.time_sampling import antithetic_times, iid_times, sample_times
 from udmtrain.registry import LOSS, PARAMETERIZATION, PROCESS, SCHEDULE
 
 V = 7
@@ -107,8 +107,6 @@ def test_requires_are_declared_and_enforced():
         LOSS.build("plugin_nelbo", process=masked)
     with pytest.raises(ValueError, match="uniform process only"):
         PARAMETERIZATION.build("loo", process=masked)
-    with pytest.raises(ValueError, match="time_sampling must be one of"):
-        LOSS.get("mdlm_nelbo").Config(time_sampling="stratified")
     with pytest.raises(ValueError, match="bound must be"):
         LOSS.get("cross_entropy").Config(bound="elbo")
     ce = LOSS.build("cross_entropy", process=masked)
@@ -150,7 +148,7 @@ def test_every_valid_triple_composes(proc_name, param_name, loss_name):
     x0 = torch.randint(0, V, (4, 6), generator=gen)
     valid = torch.ones(4, 6, dtype=torch.bool)
     valid[0, 3:] = False
-    out = obj(net, x0, valid, stratified_times(4, 0, 1), gen)
+    out = obj(net, x0, valid, antithetic_times(4, 0, 1), gen)
     assert out.num_tokens == 21 and torch.isfinite(out.loss) and torch.isfinite(out.nelbo_sum)
     assert out.loss.dtype == torch.float32 and out.nelbo_sum.item() >= 0
     assert math.isclose(out.loss.item(), out.loss_sum.item() / 21, rel_tol=1e-6)
@@ -186,20 +184,20 @@ def test_ar_objective_is_the_exact_next_token_nll():
     assert out.num_tokens == 7 and torch.allclose(out.loss_sum, want) and torch.allclose(out.loss, want / 7)
 
 
-def test_stratified_times_agree_across_ranks_and_are_stratified():
+def test_antithetic_times_agree_across_ranks_and_are_stratified():
     G, step, seed, eps = 12, 7, 3, 1e-3
-    full = stratified_times(G, step, seed, eps)
-    parts = torch.cat([stratified_times(G, step, seed, eps, start=r * 3, count=3) for r in range(4)])
+    full = antithetic_times(G, step, seed, eps)
+    parts = torch.cat([antithetic_times(G, step, seed, eps, start=r * 3, count=3) for r in range(4)])
     assert torch.equal(full, parts)
     strata = ((full.double() - eps) / (1 - eps) * G).floor().long()
     assert torch.equal(strata, torch.arange(G))  # one time per stratum of [eps, 1]
-    assert not torch.equal(full, stratified_times(G, step + 1, seed, eps))
-    assert not torch.equal(full, stratified_times(G, step, seed + 1, eps))
+    assert not torch.equal(full, antithetic_times(G, step + 1, seed, eps))
+    assert not torch.equal(full, antithetic_times(G, step, seed + 1, eps))
     assert torch.equal(sample_times("antithetic", G, step, seed, eps), full)
     t = iid_times(4096, 0, 0, eps)
     assert t.min() >= eps and t.max() <= 1 and abs(t.mean().item() - 0.5) < 0.02
     with pytest.raises(ValueError, match="outside the global batch"):
-        stratified_times(8, 0, 0, eps, start=6, count=4)
+        antithetic_times(8, 0, 0, eps, start=6, count=4)
     with pytest.raises(ValueError, match="time_sampling must be one of"):
         sample_times("sobol", 4, 0, 0)
 
@@ -207,3 +205,20 @@ def test_stratified_times_agree_across_ranks_and_are_stratified():
 def test_noised_is_a_plain_tuple():
     n = Noised(torch.zeros(1, 2, dtype=torch.long))
     assert n.noise_BL is None and n.xt_BL.shape == (1, 2)
+
+
+def test_time_sampling_and_t_min_are_trainer_settings():
+    from pathlib import Path
+
+    from udmtrain.config import ConfigError, load_recipe
+
+    recipe = str(Path(__file__).resolve().parents[3] / "recipes" / "mdlm.yaml")
+    cfg = load_recipe(recipe, ["train.time_sampling=iid", "train.t_min=0.01"])
+    assert (cfg.train.time_sampling, cfg.train.t_min) == ("iid", 0.01)
+    assert not hasattr(cfg.loss.cfg, "time_sampling")
+    with pytest.raises(ConfigError, match="train.time_sampling"):
+        load_recipe(recipe, ["train.time_sampling=stratified"])
+    with pytest.raises(ConfigError, match=r"train.t_min"):
+        load_recipe(recipe, ["train.t_min=1.5"])
+    with pytest.raises(ConfigError, match="loss.time_sampling"):
+        load_recipe(recipe, ["loss.time_sampling=iid"])

@@ -40,5 +40,7 @@ def test_num_params_excluding_embeddings():
 def test_errors():
     with pytest.raises(TypeError, match="vocab_size= is required"):
         flops_per_token(DiT.Config(size="tiny"), 16)
-    with pytest.raises(TypeError, match="num_blocks/hidden_size"):
+    with pytest.raises(TypeError, match="has no num_flops_per_token"):
         flops_per_token(torch.nn.Linear(2, 2), 16)
+    with pytest.raises(TypeError, match="not the Config of a registered model"):
+        flops_per_token(DiT.Config, 16, vocab_size=4)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from sampler_helpers import L, V, build, chi2, chi2_quantile, eo, law, network
+from sampler_helpers import L, V, build, chi2, chi2_quantile, components, eo, law, network
 
 from udmtrain.registry import SAMPLER
 
@@ -41,8 +41,8 @@ def _sample(combo, steps=7, seed=0, batch=64, **kw):
 
 def test_registry_names():
     assert {"ancestral", "max_coupling", "remdm", "reaudm", "pc_gibbs", "confidence"} <= set(SAMPLER.names())
-    assert SAMPLER.requirements("remdm") == {"process": frozenset({"masked"})}
-    assert SAMPLER.requirements("pc_gibbs") == {"process": frozenset({"uniform", "absorbing_uniform"})}
+    assert SAMPLER.get("remdm").needs == {"mask_state"}
+    assert SAMPLER.get("pc_gibbs").needs == {"gibbs_corrector"}
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=IDS)
@@ -60,7 +60,11 @@ def test_masked_cache_skips_calls_only_when_allowed():
     out, net = _sample(combo, steps=64, batch=1)
     assert out.nfe == net.calls < 64  # one sequence of 3 tokens changes in at most 3 steps
     assert out.nfe <= L + 1
-    out_tc, net_tc = _sample(combo, steps=64, batch=1, cfg={"time_conditioned": True})
+    # a time-conditioned network (a fact about the model, passed by the builder) never uses the cache
+    cls = SAMPLER.get("ancestral")
+    smp = cls(cls.Config(num_steps=64), *components("masked"), time_conditioning=True)
+    net_tc = network("masked", law(0))
+    out_tc = smp.sample(net_tc, 1, L, torch.Generator().manual_seed(0))
     assert out_tc.nfe == net_tc.calls == 64
     # the cache does not change the law of a time-independent network: same seed, same samples
     nocache, _ = _sample(combo, steps=64, batch=1, cfg={"cache": False})

@@ -76,7 +76,7 @@ def _save_trained_checkpoint(run_dir: Path, tokenizer_path: str, stage: int, pre
                                dse.build_ds_config(cfg.engine, 1))
     with dse.gathered_parameters(engine.module):
         ema = EMA(engine.module, decay=cfg.train.ema_decay) if ema_decay > 0 else None
-    network = NetworkCall(engine, precision, torch.device("cpu"), True)
+    network = NetworkCall(engine, precision, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         x0 = torch.randint(0, V, (2, 16), generator=gen)

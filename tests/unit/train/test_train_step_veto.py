@@ -166,7 +166,7 @@ def test_vetoed_step_leaves_weights_adam_state_and_ema_bitwise_unchanged(dist_gr
     assert poisons[which].plan == []
     assert vetoed.skipped and vetoed.loss != vetoed.loss  # the NaN loss is reported, not hidden
     assert vetoed.num_tokens == 2 * (2 * SEQ - 3)
-    assert step_fn.last_grad_norm is None
+    assert vetoed.grad_norm is None
     _assert_same(before, _snapshot(engine, optimizer, ema), "after the vetoed step")
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in engine.module.parameters()), \
         "a NaN gradient was left behind for the next step to accumulate into"
@@ -174,7 +174,7 @@ def test_vetoed_step_leaves_weights_adam_state_and_ema_bitwise_unchanged(dist_gr
     after = _run(step_fn, 2)
     assert not after.skipped and torch.isfinite(torch.tensor(after.loss))
     assert optimizer.skip_next is False
-    assert step_fn.last_grad_norm is not None and step_fn.last_grad_norm > 0
+    assert after.grad_norm is not None and after.grad_norm > 0 and after.lr > 0
     updated = _snapshot(engine, optimizer, ema)
     weights = [k for k in before if k.startswith("module/")]
     trained_by_step_0 = [k for k in weights if not torch.equal(initial[k], before[k])]

@@ -1,11 +1,12 @@
-"""Samplers (docs/architecture.md "Samplers"); importing this package registers every sampler.
+"""Samplers (docs/architecture.md "Samplers"); the sampler registry imports every module of this package,
+so a new sampler is one new file here.
 
-Registered names: ``ancestral`` (MDLM / UDLM plug-in bridge / AUDM, per process), ``max_coupling``
-(uniform), ``remdm`` (masked), ``reaudm`` (absorbing_uniform), ``pc_gibbs`` (uniform,
-absorbing_uniform), ``confidence`` (all).
+Registered names and the process capabilities they need (``udmtrain.diffusion.process.CAPABILITIES``):
+``ancestral`` (none: the process's own reverse step), ``max_coupling`` (token_states), ``remdm``
+(mask_state), ``reaudm`` (noise_tokens), ``pc_gibbs`` (gibbs_corrector + its predictor's),
+``confidence`` (none).
 """
 
-from udmtrain.diffusion.samplers import ancestral, confidence, pc, reaudm, remdm  # noqa: F401  (registration)
-from udmtrain.diffusion.samplers.base import SampleOutput, Sampler, SamplingRun, process_kind
+from udmtrain.diffusion.samplers.base import SampleOutput, Sampler, SamplingRun
 
-__all__ = ["SampleOutput", "Sampler", "SamplingRun", "process_kind"]
+__all__ = ["SampleOutput", "Sampler", "SamplingRun"]

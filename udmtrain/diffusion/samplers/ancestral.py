@@ -1,169 +1,87 @@
-"""Ancestral samplers: MDLM (masked), UDLM plug-in bridge (uniform), AUDM (absorbing_uniform), max-coupling.
+"""Ancestral samplers: the process's own reverse step, and the max-coupling kernel.
 
 Shape legend: ``B`` batch, ``L`` length, ``V`` states (``process.num_states``); ``*_probs_BLV`` are
 probability vectors per position (float32/64), ``alpha_t_B1`` / ``alpha_s_B1`` float64 ``[B, 1]``,
 ``s < t``.
 
-The kernels are plain functions so the predictor-corrector sampler reuses them. Each draws every
-position independently given ``z_t`` (the usual factorised reverse step): exact per position, and
-exact for the joint law as the number of steps grows (then at most one position changes per step).
+``ancestral`` asks the process for its reverse step (``process.ancestral_step``: MDLM for ``masked``,
+the UDLM plug-in bridge fed the LOO for ``uniform``, the AUDM carry-over update for
+``absorbing_uniform``; the kernels live in ``udmtrain/diffusion/process.py``), fed the prediction the
+process names (``process.ancestral_posterior``). Each kernel draws every position independently given
+``z_t``: exact per position, and exact for the joint law as the number of steps grows.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from udmtrain.diffusion.process import add_keep
 from udmtrain.diffusion.samplers import categorical as cat
 from udmtrain.diffusion.samplers.base import Sampler, SamplingRun
 from udmtrain.registry import SAMPLER
-
-
-def _add_keep(w_BLV: torch.Tensor, z_BL: torch.Tensor, weight_B1: torch.Tensor) -> torch.Tensor:
-    """``w + weight * e_{z}`` in place (the 'stay where you are' part of a kernel), float64 ``[B, L, V]``.
-
-    A scatter instead of a one-hot: at V = 50k a float64 one-hot would be one more ``[B, L, V]`` copy."""
-    keep_BL1 = weight_B1.to(torch.float64).expand(z_BL.shape)[..., None].contiguous()
-    return w_BLV.scatter_add_(-1, z_BL[..., None], keep_BL1)
-
-
-def mdlm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, mask_id: int, generator) -> torch.Tensor:
-    """MDLM ancestral update (SPEC 5.4): ``z_s ~ Cat((a_s - a_t) x̂ + (1 - a_s) e_{z_t})`` at masked
-    positions (the weights sum to ``1 - a_t``; Gumbel-argmax needs no normalisation); clean tokens
-    are frozen whatever the prediction says. The mask column of ``x̂`` is ignored."""
-    x0 = den_probs_BLV.to(torch.float64)
-    w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * x0
-    w[..., mask_id] = 0.0
-    w = _add_keep(w, z_BL, 1 - alpha_s_B1)
-    z_s = cat.sample_from_probs(w, generator)
-    return torch.where(z_BL == mask_id, z_s, z_BL)
-
-
-def uniform_plugin_step(loo_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
-    """UDLM reverse step (SPEC 1.2, 5.4): ``z_s ~ N(x̂)/Z(x̂)``, the bridge with ``x̂ = Lo`` plugged in.
-
-    Must be fed the LOO (SPEC 10.8): by linearity of ``N``, ``N(Lo)/Z(Lo) = sum_v D(v) q(z_s | z_t, v)``,
-    the exact posterior mixture of bridges; plugging ``D`` double-counts the own token.
-    """
-    from udmtrain.diffusion import functional as F
-
-    p = loo_probs_BLV.to(torch.float64)
-    probs = F.uniform_bridge(p, z_BL, alpha_t_B1.to(p.dtype), alpha_s_B1.to(p.dtype))
-    return cat.sample_from_probs(probs, generator)
 
 
 def max_coupling_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
     """Max-coupling kernel (SPEC 3.3, 5.4): ``z_s ~ Cat((a_s-a_t)/(1-a_t) D + (1-a_s)/(1-a_t) e_{z_t})``."""
     one_minus_t = (1 - alpha_t_B1).to(torch.float64)
     w = ((alpha_s_B1 - alpha_t_B1) / one_minus_t)[..., None] * den_probs_BLV.to(torch.float64)
-    w = _add_keep(w, z_BL, (1 - alpha_s_B1) / one_minus_t)
+    w = add_keep(w, z_BL, (1 - alpha_s_B1) / one_minus_t)
     return cat.sample_from_probs(w, generator)
-
-
-def audm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
-    """AUDM ancestral update (SPEC 4): MDLM with the per-position mask token ``n``.
-
-    Active positions (``z = n``) draw ``z_s ~ Cat((a_s - a_t) p + (1 - a_s) e_{z_t})`` (they stay at
-    ``n`` w.p. ``((1-a_s) + (a_s-a_t) p(n)) / (1-a_t)``); inactive ones (``z != n``) are clean and
-    frozen; ``n`` never changes.
-    """
-    w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * den_probs_BLV.to(torch.float64)
-    w = _add_keep(w, z_BL, 1 - alpha_s_B1)
-    z_s = cat.sample_from_probs(w, generator)
-    return torch.where(z_BL == noise_BL, z_s, z_BL)
-
-
-# ---------------------------------------------------------------------------- step functions
-# ``step(sampler, run, t, s)`` updates ``run`` in place; shared with the predictor-corrector sampler.
-
-def step_uniform_plugin(sampler: Sampler, run: SamplingRun, t: float, s: float) -> None:
-    """Uniform process: plug-in bridge fed the (tempered, truncated) LOO of the model."""
-    a_t, a_s = sampler.alpha_B1(t, run), sampler.alpha_B1(s, run)
-    loo = sampler.predict(run, t, "loo", alpha_B1=a_t)
-    run.z_BL = uniform_plugin_step(loo.exp(), run.z_BL, a_t, a_s, run.generator)
-
-
-def step_max_coupling(sampler: Sampler, run: SamplingRun, t: float, s: float) -> None:
-    """Uniform process: max-coupling kernel with the model's denoiser."""
-    a_t, a_s = sampler.alpha_B1(t, run), sampler.alpha_B1(s, run)
-    den = sampler.predict(run, t, "denoiser", alpha_B1=a_t)
-    run.z_BL = max_coupling_step(den.exp(), run.z_BL, a_t, a_s, run.generator)
-
-
-def step_audm(sampler: Sampler, run: SamplingRun, t: float, s: float) -> None:
-    """Absorbing-uniform process: AUDM carry-over update with the model's posterior ``p(x | z, n)``."""
-    a_t, a_s = sampler.alpha_B1(t, run), sampler.alpha_B1(s, run)
-    den = sampler.predict(run, t, "denoiser", alpha_B1=a_t)
-    run.z_BL = audm_step(den.exp(), run.z_BL, run.noise_BL, a_t, a_s, run.generator)
-
-
-def step_mdlm(sampler: Sampler, run: SamplingRun, t: float, s: float, use_cache: bool = False) -> None:
-    """Masked process: MDLM update; with ``use_cache`` the prediction is reused while z is unchanged
-    (SPEC 10.17: exact only for a network that ignores time, since the cached call was made at an
-    earlier t). The cache lives in ``run.cache`` and costs no NFE when hit."""
-    a_t, a_s = sampler.alpha_B1(t, run), sampler.alpha_B1(s, run)
-    cached = run.cache.get("mdlm")
-    if use_cache and cached is not None and torch.equal(cached[0], run.z_BL):
-        probs = cached[1]
-    else:
-        probs = sampler.predict(run, t, "denoiser", alpha_B1=a_t).exp()
-        if use_cache:
-            run.cache["mdlm"] = (run.z_BL.clone(), probs)
-    run.z_BL = mdlm_step(probs, run.z_BL, a_t, a_s, sampler.mask_id, run.generator)
 
 
 @SAMPLER.register("ancestral")
 class AncestralSampler(Sampler):
-    """The process's own ancestral sampler: MDLM (masked), UDLM plug-in bridge with the LOO
-    (uniform; a denoiser network is converted to the LOO by the parameterization, never plugged in
-    directly, SPEC 10.8) or AUDM (absorbing_uniform). ``num_steps`` network calls, except that the
-    masked cache may skip calls whose state did not change."""
+    """The process's own ancestral sampler (``process.ancestral_step``): MDLM (masked), UDLM plug-in
+    bridge with the LOO (uniform; a denoiser network is converted to the LOO by the parameterization,
+    never plugged in directly, SPEC 10.8) or AUDM (absorbing_uniform). ``num_steps`` network calls,
+    except that the cache may skip calls whose state did not change."""
 
     @dataclass(kw_only=True, frozen=True)
     class Config(Sampler.Config):
         cache: bool = True
-        """Masked process only: reuse the last prediction while z is unchanged (saves NFE). Valid
-        only when the network ignores time (MDLM default); ignored for uniform/absorbing_uniform."""
-        time_conditioned: bool = False
-        """Masked process only: the network uses its time input, so the cache is disabled."""
+        """Reuse the last prediction while z is unchanged (saves NFE). Applied only when it is exact:
+        the process declares 'time_free_posterior' (masked) and the network ignores time (the model's
+        ``time_conditioning: false``, MDLM's default)."""
 
-    requires: ClassVar = {}
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # The reverse kernel is chosen once, from the process (masked -> MDLM, uniform -> plug-in
-        # bridge fed the LOO, absorbing_uniform -> AUDM carry-over).
-        use_cache = self.cfg.cache and not self.cfg.time_conditioned
-        self.kernel = {
-            "masked": functools.partial(step_mdlm, use_cache=use_cache),
-            "uniform": step_uniform_plugin,
-            "absorbing_uniform": step_audm,
-        }[self.kind]
+        self.use_cache = (self.cfg.cache and not self.time_conditioning
+                          and "time_free_posterior" in self.process.capabilities)
+        """Decided once: reuse predictions while z is unchanged (docs/theory.md §10)."""
+        self.posterior = self.process.ancestral_posterior
 
-    def generate(self, run: SamplingRun) -> None:
-        """Step from t = 1 to t = 0 on the uniform grid with the process's kernel."""
-        times = self.time_grid(self.cfg.num_steps)
-        for t, s in zip(times[:-1], times[1:]):
-            self.kernel(self, run, t, s)
-            self.record(run)
+    def step(self, run: SamplingRun, t: float, s: float) -> None:
+        """One ``process.ancestral_step``; with ``use_cache`` the prediction is reused while z is
+        unchanged (it lives in ``run.cache`` and costs no NFE when hit)."""
+        a_t, a_s = self.alpha_B1(t, run), self.alpha_B1(s, run)
+        cached = run.cache.get("ancestral")
+        if self.use_cache and cached is not None and torch.equal(cached[0], run.z_BL):
+            probs = cached[1]
+        else:
+            probs = self.predict(run, t, self.posterior, alpha_B1=a_t).exp()
+            if self.use_cache:
+                run.cache["ancestral"] = (run.z_BL.clone(), probs)
+        run.z_BL, run.noise_BL = self.process.ancestral_step(probs, run.z_BL, run.noise_BL, a_t, a_s,
+                                                             run.generator)
 
 
 @SAMPLER.register("max_coupling")
 class MaxCouplingSampler(Sampler):
-    """Uniform process: the maximal-coupling reverse kernel with the model's denoiser (SPEC 3.3, 5.4).
+    """The maximal-coupling reverse kernel with the model's denoiser (SPEC 3.3, 5.4).
 
-    Given ``x`` the kernel preserves ``q_s(.|x)``; averaging it with the exact denoiser therefore
-    preserves the marginal of z, so an exact model reproduces the data law as the steps grow (the
-    factorised per-position draw is the only error). Its NELBO is loose (SPEC 3.3), its sampler is not."""
+    Given ``x`` the kernel preserves ``q_s(.|x)`` for every process of the form
+    ``alpha e_x + (1 - alpha) pi`` whose states are all tokens; averaging it with the exact denoiser
+    therefore preserves the marginal of z, so an exact model reproduces the data law as the steps grow
+    (the factorised per-position draw is the only error). Its NELBO is loose (SPEC 3.3), its sampler
+    is not. Any noise tokens are carried unchanged (a known-clean position has ``D = e_z``)."""
 
-    requires: ClassVar = {"process": frozenset({"uniform"})}
+    needs: ClassVar = frozenset({"token_states"})
 
-    def generate(self, run: SamplingRun) -> None:
-        """``num_steps`` max-coupling steps from t = 1 to 0."""
-        times = self.time_grid(self.cfg.num_steps)
-        for t, s in zip(times[:-1], times[1:]):
-            step_max_coupling(self, run, t, s)
-            self.record(run)
+    def step(self, run: SamplingRun, t: float, s: float) -> None:
+        """One max-coupling step with the model's denoiser."""
+        a_t, a_s = self.alpha_B1(t, run), self.alpha_B1(s, run)
+        den = self.predict(run, t, "denoiser", alpha_B1=a_t)
+        run.z_BL = max_coupling_step(den.exp(), run.z_BL, a_t, a_s, run.generator)

@@ -5,12 +5,19 @@ V tokens for ``uniform``/``absorbing_uniform``, V+1 with the mask at id V for ``
 ``z_BL`` current state, ``noise_BL`` AUDM noise tokens ``n`` (None for other processes),
 ``alpha_B1`` float ``[B, 1]``.
 
-Every sampler is ``Sampler(cfg, schedule, process, parameterization)`` and
+Every sampler is ``Sampler(cfg, schedule, process, parameterization, *, time_conditioning=False)`` and
 ``sample(network, batch_size, seq_len, generator, prefix_BL=None, prefix_len=0) -> SampleOutput``
-(docs/architecture.md "Samplers"). ``network`` is any callable ``(xt_BL, sigma_B, noise_BL) ->
+(docs/architecture.md "Samplers"). ``time_conditioning`` says whether the network uses its time input
+(a fact about the model, passed by ``udmtrain.train.components.build_sampler``, never a recipe key).
+``network`` is any callable ``(xt_BL, sigma_B, noise_BL) ->
 logits_BLV``; all calls go through :meth:`Sampler.call_network`, which counts the NFE and passes
 ``sigma_B = schedule.sigma(t_B)`` (float32, the network's time input). Random numbers come only from
 the ``generator`` argument (SPEC 10.3), so a seed fixes the samples.
+
+The base class owns the time loop (:meth:`Sampler.generate`); a sampler supplies one step
+(:meth:`Sampler.step`). What a sampler needs from the process is a set of capability words
+(``needs``, see ``udmtrain.diffusion.process.CAPABILITIES``), checked by the recipe validator at config
+time and again at construction; samplers never branch on the process's name.
 
 Time grid (SPEC 5.1): ``t_k = 1 - k/n``, ``k = 0..n``; step ``k`` goes from ``t_k`` to ``t_{k+1}``; the
 last step lands on ``s = 0`` where ``alpha = 1`` and every kernel returns clean tokens.
@@ -19,28 +26,38 @@ last step lands on ``s = 0`` where ``alpha = 1`` and every kernel returns clean 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 
+from udmtrain.diffusion.process import PredictionKind
 from udmtrain.diffusion.samplers import categorical as cat
 
-PredictionKind = Literal["denoiser", "loo"]
+
+def _name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return getattr(cls, "registry_name", cls.__name__)
 
 
-def process_kind(process: Any) -> str:
-    """``"masked"``, ``"uniform"`` or ``"absorbing_uniform"`` from the process's declared attributes.
+def processes_with(needed: set[str] | frozenset[str]) -> list[str]:
+    """Registered process names whose declared ``capabilities`` include all of ``needed``."""
+    from udmtrain.registry import PROCESS
 
-    Decided from ``uses_noise_tokens`` / ``mask_id`` (docs/architecture.md), not from names, so any
-    process exposing those attributes works.
-    """
-    if getattr(process, "uses_noise_tokens", False):
-        return "absorbing_uniform"
-    if getattr(process, "mask_id", None) is not None:
-        return "masked"
-    return "uniform"
+    return [n for n in PROCESS.names() if set(needed) <= set(getattr(PROCESS.get(n), "capabilities", ()))]
+
+
+def unsupported_message(sampler: Any, process: Any, needed: frozenset[str]) -> str | None:
+    """Why ``sampler`` (class or instance) cannot run on ``process`` (class or instance), or None if it can.
+
+    Names the capabilities the process lacks and the registered processes that have them."""
+    missing = sorted(set(needed) - set(getattr(process, "capabilities", frozenset())))
+    if not missing:
+        return None
+    ok = processes_with(needed)
+    return (f"sampler {_name(sampler)!r} works with process {ok}, not {_name(process)!r}: it needs the "
+            f"process capabilities {missing}; choose another sampler (e.g. 'ancestral') or process")
 
 
 @dataclass(frozen=True)
@@ -89,10 +106,11 @@ class SamplingRun:
 
 
 class Sampler(abc.ABC):
-    """Base of every sampler; subclasses implement :meth:`generate` (the time loop).
+    """Base of every sampler: owns the time loop; subclasses implement :meth:`step`.
 
-    Subclasses declare process compatibility in ``requires`` (checked by the recipe validator at
-    config time and again here at construction).
+    Subclasses declare what they need from the process in ``needs`` (capability words; settings-
+    dependent needs via :meth:`required_capabilities`), checked by the recipe validator at config time
+    and again here at construction.
     """
 
     @dataclass(kw_only=True, frozen=True)
@@ -112,23 +130,31 @@ class Sampler(abc.ABC):
         record_trajectory: bool = False
         """Keep a CPU copy of the state after every step in ``SampleOutput.trajectory``."""
 
-    requires: ClassVar[Mapping[str, frozenset[str]]] = {}
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """Capability words the process must declare (``udmtrain.diffusion.process.CAPABILITIES``)."""
 
-    def __init__(self, cfg: Config, schedule: Any, process: Any, parameterization: Any) -> None:
+    @classmethod
+    def required_capabilities(cls, cfg: Any) -> frozenset[str]:
+        """``needs`` plus what the settings ``cfg`` add (``temperature_on='loo'`` needs the LOO)."""
+        return cls.needs | ({"loo_posterior"} if cfg.temperature_on == "loo" else frozenset())
+
+    def __init__(self, cfg: Config, schedule: Any, process: Any, parameterization: Any, *,
+                 time_conditioning: bool = False) -> None:
         self.cfg, self.schedule, self.process, self.param = cfg, schedule, process, parameterization
-        self.kind = process_kind(process)
+        self.time_conditioning = bool(time_conditioning)
+        """Whether the network uses its time input (then no prediction may be reused across times)."""
         self.num_states = int(process.num_states)
         # number of real tokens (the mask is an extra state of the masked process)
-        self.vocab_size = int(getattr(process, "vocab_size", self.num_states))
-        self.supports_loo = bool(getattr(process, "supports_loo", self.kind == "uniform"))
-        self.mask_id = getattr(process, "mask_id", None)
-        name = getattr(type(self), "registry_name", type(self).__name__)
-        allowed = self.requires.get("process")
-        if allowed is not None and self.kind not in allowed:
-            raise ValueError(
-                f"sampler {name!r} works with process {sorted(allowed)}, not {self.kind!r}; "
-                f"choose another sampler (e.g. 'ancestral') or process"
-            )
+        self.vocab_size = int(process.vocab_size)
+        self.supports_loo = bool(process.supports_loo)
+        self.mask_id = process.mask_id
+        if cfg.temperature_on == "loo" and not self.supports_loo:
+            ok = " or ".join(processes_with({"loo_posterior"}))
+            raise ValueError(f"sampler.temperature_on='loo' needs the {ok} process (the LOO posterior exists "
+                             f"only there), got process {_name(process)!r}; use 'denoiser' or 'logits'")
+        message = unsupported_message(self, process, self.required_capabilities(cfg))
+        if message is not None:
+            raise ValueError(message)
         if cfg.num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {cfg.num_steps}")
         if not cfg.temperature > 0:
@@ -138,11 +164,6 @@ class Sampler(abc.ABC):
         mode = cfg.temperature_on
         if mode == "auto":
             mode = "loo" if self.supports_loo else "denoiser"
-        if mode == "loo" and not self.supports_loo:
-            raise ValueError(
-                f"sampler.temperature_on='loo' needs the uniform process (the LOO posterior exists "
-                f"only there), got process {self.kind!r}; use 'denoiser' or 'logits'"
-            )
         self.temperature_on = mode
 
     # ------------------------------------------------------------------ public API
@@ -167,9 +188,27 @@ class Sampler(abc.ABC):
         traj = tuple(run.trajectory) if run.trajectory is not None else None
         return SampleOutput(tokens_BL=run.z_BL, nfe=run.nfe, noise_BL=run.noise_BL, trajectory=traj)
 
-    @abc.abstractmethod
     def generate(self, run: SamplingRun) -> None:
-        """Run the time loop, updating ``run.z_BL`` (and ``run.noise_BL``) in place."""
+        """The time loop: ``step`` from each grid time to the next, then ``after_step``; updates ``run``.
+
+        The grid has ``grid_steps()`` steps from t = 1 to t = 0 (``num_steps`` unless a sampler spends
+        part of its NFE budget elsewhere, e.g. on corrector sweeps)."""
+        times = self.time_grid(self.grid_steps())
+        for k, (t, s) in enumerate(zip(times[:-1], times[1:])):
+            self.step(run, t, s)
+            self.record(run)
+            self.after_step(run, k, s)
+
+    @abc.abstractmethod
+    def step(self, run: SamplingRun, t: float, s: float) -> None:
+        """One reverse step from time ``t`` to ``s < t``, updating ``run.z_BL`` / ``run.noise_BL``."""
+
+    def grid_steps(self) -> int:
+        """Number of steps of the time grid (default ``num_steps``: one network call per step)."""
+        return self.cfg.num_steps
+
+    def after_step(self, run: SamplingRun, k: int, s: float) -> None:
+        """Hook after step ``k`` (landing on ``s``) has been recorded; default: nothing."""
 
     # ------------------------------------------------------------------ helpers for subclasses
     def time_grid(self, num_steps: int) -> list[float]:
@@ -234,8 +273,9 @@ class Sampler(abc.ABC):
                        want: PredictionKind) -> torch.Tensor:
         """Untempered ``log D`` or ``log Lo`` from the parameterization (whatever the net predicts)."""
         if want == "loo":
-            if self.kind != "uniform":
-                raise ValueError(f"the LOO posterior exists only for the uniform process, not {self.kind!r}")
+            if not self.supports_loo:
+                raise ValueError(f"the LOO posterior does not exist for process {_name(self.process)!r} "
+                                 "(it does not declare 'loo_posterior')")
             return self.param.loo_logp(logits_BLV, run.z_BL, alpha_B1, run.noise_BL)
         return self.param.denoiser_logp(logits_BLV, run.z_BL, alpha_B1, run.noise_BL)
 

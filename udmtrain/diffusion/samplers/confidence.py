@@ -16,7 +16,6 @@ numbers are drawn after the prior. The AUDM noise tokens are passed explicitly (
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 
@@ -37,18 +36,13 @@ def confidence_scores(den_logp_BLV: torch.Tensor, z_BL: torch.Tensor) -> tuple[t
 class ConfidenceSampler(Sampler):
     """Deterministic greedy refinement: ``num_steps`` calls, ``ceil(L/num_steps)`` positions per call."""
 
-    requires: ClassVar = {}
-
-    def generate(self, run: SamplingRun) -> None:
-        """Greedy updates at t = 1, 1 - 1/n, ..., 1/n; the prefix is never selected."""
+    def step(self, run: SamplingRun, t: float, s: float) -> None:
+        """Greedy update at ``t`` (``s`` unused); the prefix is never selected."""
         L = run.z_BL.shape[1]
         k = min(L, math.ceil(L / self.cfg.num_steps))
-        times = self.time_grid(self.cfg.num_steps)
-        for t in times[:-1]:
-            den = self.predict(run, t, "denoiser")
-            score, best = confidence_scores(den, run.z_BL)
-            score = score.masked_fill(~run.free_BL, float("-inf"))
-            idx = torch.topk(score, k, dim=-1).indices
-            chosen = torch.zeros_like(run.z_BL, dtype=torch.bool).scatter_(1, idx, True) & run.free_BL
-            run.z_BL = torch.where(chosen, best, run.z_BL)
-            self.record(run)
+        den = self.predict(run, t, "denoiser")
+        score, best = confidence_scores(den, run.z_BL)
+        score = score.masked_fill(~run.free_BL, float("-inf"))
+        idx = torch.topk(score, k, dim=-1).indices
+        chosen = torch.zeros_like(run.z_BL, dtype=torch.bool).scatter_(1, idx, True) & run.free_BL
+        run.z_BL = torch.where(chosen, best, run.z_BL)

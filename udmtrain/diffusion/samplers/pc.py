@@ -1,4 +1,4 @@
-"""Informed predictor-corrector sampler (SPEC 5.5) for the uniform and absorbing-uniform processes.
+"""Informed predictor-corrector sampler (SPEC 5.5) for processes with a Gibbs corrector (uniform, absorbing-uniform).
 
 Shape legend: ``B`` batch, ``L`` length, ``V`` tokens; ``cond_BLV`` log full conditionals of one site
 given the rest, ``score_BL`` site-selection scores.
@@ -40,18 +40,11 @@ from typing import ClassVar, Literal
 import torch
 
 from udmtrain.diffusion.samplers import categorical as cat
-from udmtrain.diffusion.samplers.ancestral import step_audm, step_max_coupling, step_uniform_plugin
 from udmtrain.diffusion.samplers.base import Sampler, SamplingRun
-from udmtrain.diffusion.samplers.reaudm import step_reaudm
 from udmtrain.registry import SAMPLER
 
-# (process kind, predictor name) -> step function
-_PREDICTORS = {
-    ("uniform", "ancestral"): step_uniform_plugin,
-    ("uniform", "max_coupling"): step_max_coupling,
-    ("absorbing_uniform", "ancestral"): step_audm,
-    ("absorbing_uniform", "reaudm"): step_reaudm,
-}
+PREDICTORS = ("ancestral", "reaudm", "max_coupling")
+"""Samplers whose ``step`` may serve as the predictor (any registered sampler with a plain step would do)."""
 
 
 def nfe_split(num_steps: int, corrector_steps: int) -> tuple[int, int]:
@@ -62,43 +55,41 @@ def nfe_split(num_steps: int, corrector_steps: int) -> tuple[int, int]:
     return num_steps - corrected * corrector_steps, corrected
 
 
-def audm_conditional(den_logp_BLV, z_BL, alpha_B1) -> torch.Tensor:
-    """``log P(z^l = n^l = v | rest, active)`` from the AUDM posterior at active sites -> ``[B, L, V]``.
-
-    ``log Lo_A = log_softmax(log D_A + log(1-a) e_{z})``; result ``log((1-a) + a Lo_A) - log(V(1-a) + a)``.
-    Rows of inactive sites are meaningless (never selected).
-    """
-    V = den_logp_BLV.shape[-1]
-    a = alpha_B1.to(den_logp_BLV.dtype)[..., None]
-    shift = torch.zeros_like(den_logp_BLV).scatter_(-1, z_BL[..., None], 1.0) * torch.log1p(-a)
-    loo = torch.log_softmax(den_logp_BLV + shift, dim=-1)
-    return torch.logaddexp(torch.log1p(-a), torch.log(a) + loo) - torch.log(V * (1 - a) + a)
+def _lowest_log_margin(cond, current, z_BL):
+    return -(current - cond.scatter(-1, z_BL[..., None], float("-inf")).amax(-1))
 
 
-def selection_score(cond_BLV, z_BL, rule: str, generator) -> torch.Tensor:
-    """Per-site score (higher = more likely to be resampled), SPEC 5.5 -> float64 ``[B, L]``."""
+SELECTION_RULES = {
+    "lowest_log_margin": _lowest_log_margin,
+    "lowest_current_prob": lambda cond, current, z_BL: -current,
+    "lowest_maxprob": lambda cond, current, z_BL: -cond.amax(-1),
+    # random: Gumbel-top-k of zeros = uniform without replacement
+    "random": lambda cond, current, z_BL: torch.zeros_like(current),
+}
+"""Site-selection rule name -> ``score(cond float64 [B, L, V], current [B, L], z_BL) -> [B, L]``."""
+
+
+def selection_score(cond_BLV, z_BL, rule, generator=None) -> torch.Tensor:
+    """Per-site score (higher = more likely to be resampled), SPEC 5.5 -> float64 ``[B, L]``.
+
+    ``rule``: a name of ``SELECTION_RULES`` or one of its functions (resolved once by the sampler)."""
+    score = SELECTION_RULES[rule] if isinstance(rule, str) else rule
     cond = cond_BLV.to(torch.float64)
-    current = cond.gather(-1, z_BL[..., None]).squeeze(-1)
-    if rule == "lowest_log_margin":
-        best_other = cond.scatter(-1, z_BL[..., None], float("-inf")).amax(-1)
-        return -(current - best_other)
-    if rule == "lowest_current_prob":
-        return -current
-    if rule == "lowest_maxprob":
-        return -cond.amax(-1)
-    return torch.zeros_like(current)  # random: Gumbel-top-k of zeros = uniform without replacement
+    return score(cond, cond.gather(-1, z_BL[..., None]).squeeze(-1), z_BL)
 
 
 @SAMPLER.register("pc_gibbs")
 class PCGibbsSampler(Sampler):
-    """Predictor (the process's ancestral kernel, or ``reaudm`` / ``max_coupling``) + informed Gibbs
-    corrector at time s on the exact noisy conditional built from the LOO (see module docstring)."""
+    """Predictor (the step of the sampler named by ``predictor``: ``ancestral``, ``reaudm`` or
+    ``max_coupling``) + informed Gibbs corrector at time s on the process's exact noisy conditional
+    (``process.gibbs_conditional``, see module docstring)."""
 
     @dataclass(kw_only=True, frozen=True)
     class Config(Sampler.Config):
         predictor: Literal["ancestral", "reaudm", "max_coupling"] = "ancestral"
-        """Predictor kernel: 'ancestral' (uniform: plug-in bridge, absorbing_uniform: AUDM),
-        'reaudm' (absorbing_uniform only) or 'max_coupling' (uniform only)."""
+        """Predictor: the step of that sampler, with this sampler's temperature/top_p: 'ancestral' (the
+        process's own step: uniform plug-in bridge, absorbing_uniform AUDM), 'reaudm' (needs
+        noise_tokens: absorbing_uniform) or 'max_coupling' (needs token_states)."""
         corrector_steps: int = 2
         """Gibbs sweeps after each corrected predictor step (each one network call)."""
         k_parallel: int = 12
@@ -109,53 +100,63 @@ class PCGibbsSampler(Sampler):
         selection_tau: float = 1.0
         """Temperature of the Gumbel-top-k site selection (> 0; large = close to uniform)."""
 
-    requires: ClassVar = {"process": frozenset({"uniform", "absorbing_uniform"})}
+    needs: ClassVar = frozenset({"gibbs_corrector"})
 
-    def __init__(self, cfg: Config, schedule, process, parameterization) -> None:
-        super().__init__(cfg, schedule, process, parameterization)
-        key = (self.kind, cfg.predictor)
-        if key not in _PREDICTORS:
-            ok = sorted(p for k, p in _PREDICTORS if k == self.kind)
-            raise ValueError(f"sampler.predictor={cfg.predictor!r} does not apply to process {self.kind!r}; "
-                             f"use one of {ok}")
-        self._predictor = _PREDICTORS[key]
+    @classmethod
+    def required_capabilities(cls, cfg: Config) -> frozenset[str]:
+        """The corrector's needs plus the predictor sampler's."""
+        return super().required_capabilities(cfg) | SAMPLER.get(cfg.predictor).required_capabilities(cfg)
+
+    def __init__(self, cfg: Config, schedule, process, parameterization, *, time_conditioning: bool = False) -> None:
+        predictor_cls = SAMPLER.get(cfg.predictor)
+        missing = set(predictor_cls.required_capabilities(cfg)) - set(process.capabilities)
+        if missing:
+            name = getattr(type(process), "registry_name", type(process).__name__)
+            ok = [p for p in PREDICTORS if SAMPLER.get(p).required_capabilities(cfg) <= process.capabilities]
+            raise ValueError(f"sampler.predictor={cfg.predictor!r} does not apply to process {name!r} (it lacks "
+                             f"{sorted(missing)}); use one of {ok}")
+        super().__init__(cfg, schedule, process, parameterization, time_conditioning=time_conditioning)
         if cfg.corrector_steps < 0 or cfg.k_parallel < 1 or not cfg.selection_tau > 0:
             raise ValueError(f"sampler needs corrector_steps >= 0, k_parallel >= 1, selection_tau > 0; got "
                              f"{cfg.corrector_steps}, {cfg.k_parallel}, {cfg.selection_tau}")
+        # the predictor is that sampler's own step, sharing this sampler's settings (temperature, top_p)
+        predictor_cfg = predictor_cls.Config(**{f: getattr(cfg, f) for f in Sampler.Config.__dataclass_fields__})
+        self._predictor = predictor_cls(predictor_cfg, schedule, process, parameterization,
+                                        time_conditioning=time_conditioning)
+        self._n_steps, self._corrected = nfe_split(cfg.num_steps, cfg.corrector_steps)
+        self._selection = SELECTION_RULES[cfg.selection]
 
-    def generate(self, run: SamplingRun) -> None:
-        """Predictor steps on a uniform grid of ``n_steps``; the first ``corrected`` get sweeps."""
-        n_steps, corrected = nfe_split(self.cfg.num_steps, self.cfg.corrector_steps)
-        times = self.time_grid(n_steps)
-        for k, (t, s) in enumerate(zip(times[:-1], times[1:])):
-            self._predictor(self, run, t, s)
-            self.record(run)
-            if k < corrected and s > 0.0:
-                for _ in range(self.cfg.corrector_steps):
-                    self.corrector_sweep(run, s)
-                    self.record(run)
+    def grid_steps(self) -> int:
+        """``n_steps`` predictor steps (the rest of the NFE budget goes to corrector sweeps)."""
+        return self._n_steps
+
+    def step(self, run: SamplingRun, t: float, s: float) -> None:
+        """The predictor's step."""
+        self._predictor.step(run, t, s)
+
+    def after_step(self, run: SamplingRun, k: int, s: float) -> None:
+        """``corrector_steps`` sweeps after each of the first ``corrected`` predictor steps."""
+        if k < self._corrected and s > 0.0:
+            for _ in range(self.cfg.corrector_steps):
+                self.corrector_sweep(run, s)
+                self.record(run)
 
     def conditional(self, run: SamplingRun, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One network call at s -> (log full conditional ``[B, L, V]``, eligible sites ``[B, L]``)."""
-        from udmtrain.diffusion import functional as F
-
+        """One network call at s -> (log full conditional ``[B, L, V]``, eligible sites ``[B, L]``),
+        from the process's ``gibbs_conditional`` fed its ``corrector_posterior``."""
         a = self.alpha_B1(s, run)
         logits = self.call_network(run, s)
         logits = logits if logits.dtype == torch.float64 else logits.float()
         a = a.to(logits.dtype)
-        if self.kind == "uniform":
-            loo = self.posterior_logp(logits, run, a, "loo")
-            return F.noisy_conditional(loo, a), run.free_BL
-        den = self.posterior_logp(logits, run, a, "denoiser")
-        return audm_conditional(den, run.z_BL, a), run.free_BL & (run.z_BL == run.noise_BL)
+        logp = self.posterior_logp(logits, run, a, self.process.corrector_posterior)
+        cond, eligible = self.process.gibbs_conditional(logp, run.z_BL, run.noise_BL, a)
+        return cond, run.free_BL & eligible
 
     def corrector_sweep(self, run: SamplingRun, s: float) -> None:
         """Resample ``k_parallel`` selected eligible sites from their conditionals at time ``s``."""
         cond, eligible = self.conditional(run, s)
-        score = selection_score(cond, run.z_BL, self.cfg.selection, run.generator)
+        score = selection_score(cond, run.z_BL, self._selection)
         chosen = cat.gumbel_topk(score, self.cfg.k_parallel, self.cfg.selection_tau, run.generator, eligible)
         new = cat.sample_categorical(cond, run.generator)
-        run.z_BL = torch.where(chosen, new, run.z_BL)
-        if run.noise_BL is not None:  # AUDM: the site stays active, z = n = new value
-            run.noise_BL = torch.where(chosen, new, run.noise_BL)
+        run.z_BL, run.noise_BL = self.process.gibbs_update(run.z_BL, run.noise_BL, chosen, new)
 

@@ -1,4 +1,4 @@
-"""ReAUDM sampler for the absorbing-uniform process: lifted UDM bridge + exact noise resampling (SPEC 4).
+"""ReAUDM sampler for processes with noise tokens (absorbing-uniform): lifted UDM bridge + exact noise resampling (SPEC 4).
 
 Shape legend: ``B`` batch, ``L`` length, ``V`` tokens; ``z_BL`` tokens, ``noise_BL`` the per-position
 noise tokens ``n``; ``*_B1`` float64 ``[B, 1]``.
@@ -41,13 +41,6 @@ def reaudm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator
     return z_s, n_s
 
 
-def step_reaudm(sampler: Sampler, run: SamplingRun, t: float, s: float) -> None:
-    """Absorbing-uniform process: one ReAUDM step with the model's posterior ``p(x | z, n)``."""
-    a_t, a_s = sampler.alpha_B1(t, run), sampler.alpha_B1(s, run)
-    den = sampler.predict(run, t, "denoiser", alpha_B1=a_t)
-    run.z_BL, run.noise_BL = reaudm_step(den.exp(), run.z_BL, run.noise_BL, a_t, a_s, run.generator)
-
-
 @SAMPLER.register("reaudm")
 class ReAUDMSampler(Sampler):
     """ReAUDM: the AUDM-trained posterior driven through the lifted UDM bridge (SPEC 4).
@@ -55,11 +48,10 @@ class ReAUDMSampler(Sampler):
     ``num_steps`` network calls; the noise tokens are always passed to the network explicitly
     (SPEC 10.12) and returned in ``SampleOutput.noise_BL``."""
 
-    requires: ClassVar = {"process": frozenset({"absorbing_uniform"})}
+    needs: ClassVar = frozenset({"noise_tokens"})
 
-    def generate(self, run: SamplingRun) -> None:
-        """``num_steps`` ReAUDM steps from t = 1 to 0."""
-        times = self.time_grid(self.cfg.num_steps)
-        for t, s in zip(times[:-1], times[1:]):
-            step_reaudm(self, run, t, s)
-            self.record(run)
+    def step(self, run: SamplingRun, t: float, s: float) -> None:
+        """One ReAUDM step with the model's posterior ``p(x | z, n)``."""
+        a_t, a_s = self.alpha_B1(t, run), self.alpha_B1(s, run)
+        den = self.predict(run, t, "denoiser", alpha_B1=a_t)
+        run.z_BL, run.noise_BL = reaudm_step(den.exp(), run.z_BL, run.noise_BL, a_t, a_s, run.generator)
