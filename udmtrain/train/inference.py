@@ -102,7 +102,9 @@ class Loaded:
 
 def load_ema_shadow(step_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     """The EMA shadow ``{name: fp32 tensor}`` stored in ``rank0_state.pt``, or None without EMA."""
-    state = torch.load(Path(step_dir) / "rank0_state.pt", map_location="cpu", weights_only=False)
+    from udmtrain.train.checkpoint import load_rank_state
+
+    state = load_rank_state(step_dir, 0)
     ema = state.get("ema")
     return None if ema is None else dict(ema["shadow"])
 
@@ -318,6 +320,8 @@ def run_cli(main: Any, argv: Sequence[str] | None = None) -> int:
 
     from udmtrain.config import ConfigError, report_and_exit
     from udmtrain.data.errors import DataError
+    from udmtrain.train.checkpoint import CheckpointError
+    from udmtrain.utils.io import OutputError, UnsafeFileError
 
     try:
         return int(main(argv) or 0)
@@ -325,7 +329,7 @@ def run_cli(main: Any, argv: Sequence[str] | None = None) -> int:
         if os.environ.get("UDMTRAIN_DEBUG") == "1":
             raise
         report_and_exit(err)
-    except (FileNotFoundError, DataError, InferenceError) as err:
+    except (FileNotFoundError, DataError, InferenceError, UnsafeFileError, OutputError, CheckpointError) as err:
         if os.environ.get("UDMTRAIN_DEBUG") == "1":
             raise
         if int(os.environ.get("RANK", "0") or 0) == 0:
