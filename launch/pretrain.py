@@ -55,6 +55,11 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         reason = run.trainer.train()
+    except DataError as err:  # a shard that turned out corrupt mid-run: one line, not a worker traceback
+        if os.environ.get("UDMTRAIN_DEBUG") == "1":
+            raise
+        print(f"udmtrain: rank {os.environ.get('RANK', '0')}: {err}", file=sys.stderr, flush=True)
+        return 2
     finally:
         run.close()
     return 3 if reason == "nonfinite" else 0

@@ -123,6 +123,9 @@ class Trainer:
             "train/tokens_seen": self.state.tokens_seen,
             "train/skipped_steps": self.state.total_skipped,
         }
+        corrupt = getattr(self.batches, "num_corrupt", 0)
+        if corrupt:  # data.on_corrupt=skip: what this rank's loader skipped so far (console, JSONL, TensorBoard)
+            scalars["data/corrupt_skipped"] = corrupt
         grad_norm = self.grad_norm_fn()
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
