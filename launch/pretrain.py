@@ -27,6 +27,11 @@ def main(argv: list[str]) -> int:
     try:
         recipe, overrides, dry_run = parse_cli(argv)
         cfg = load_recipe(recipe, overrides, world_size=world_size)
+        from udmtrain.train.preflight import construction_issues
+
+        issues = construction_issues(cfg)  # what building the run would reject, found without building it
+        if issues:
+            raise ConfigError(issues, recipe)
     except ConfigError as err:
         report_and_exit(err)
     if dry_run:

@@ -308,6 +308,13 @@ class ValidLoader:
 
 
 def _settings(data_cfg: Any) -> dict[str, Any]:
+    if not getattr(data_cfg, "allow_shell_urls", False):
+        for key in ("train_shards", "valid_shards"):
+            spec = getattr(data_cfg, key, None)
+            for item in spec if isinstance(spec, (list, tuple)) else [spec]:
+                if str(item or "").strip().startswith("pipe:"):
+                    raise DataError(f"data.{key}={item!r} runs a shell command; set data.allow_shell_urls=true "
+                                    "if you trust it")
     return {"seq_len": int(data_cfg.seq_len), "num_workers": int(getattr(data_cfg, "num_workers", 0) or 0),
             "shuffle_buffer": int(getattr(data_cfg, "shuffle_buffer", 0) or 0),
             "on_corrupt": str(getattr(data_cfg, "on_corrupt", "fail")),
