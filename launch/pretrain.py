@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
     from udmtrain.data.errors import DataError
     from udmtrain.train.build import build_trainer
     from udmtrain.train.checkpoint import CheckpointError
+    from udmtrain.engine.deepspeed_engine import RendezvousError
     from udmtrain.utils.io import UnsafeFileError
 
     problem = _check_data(cfg)  # before any process group or JIT build: a missing corpus fails in seconds
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         run = build_trainer(cfg)
-    except (DataError, CheckpointError, UnsafeFileError) as err:
+    except (DataError, CheckpointError, UnsafeFileError, RendezvousError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"udmtrain: {err}", file=sys.stderr)
         from udmtrain.engine.deepspeed_engine import teardown

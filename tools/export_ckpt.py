@@ -50,6 +50,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
+from udmtrain.utils.io import check_writable  # noqa: E402
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 TOKENIZER_FILE = "tokenizer.model"
@@ -172,6 +173,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True
 
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
+    check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", directory=True)
     meta = export(args.path, args.out, use_ema=not args.no_ema, dtype=args.dtype, force=args.force,
                   overrides=inf.split_overrides(unknown))
     print(f"exported {meta['source_checkpoint']} (step {meta['step']}, {'EMA' if meta['ema'] else 'raw'} weights, "

@@ -153,6 +153,26 @@ def remove_stale_build_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[str]
     return removed
 
 
+class RendezvousError(RuntimeError):
+    """The process group cannot start: its rendezvous port is taken."""
+
+
+def check_rendezvous_port(addr: str, port: int) -> None:
+    """Rank 0 hosts the rendezvous store on ``addr:port``: refuse a port another process listens on
+    (a second run on this machine) with a :class:`RendezvousError` instead of a hang or a traceback."""
+    if addr not in ("127.0.0.1", "localhost", "0.0.0.0", socket.gethostname()):
+        return  # the store lives on another host; nothing to probe here
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store does: TIME_WAIT is fine
+        try:
+            probe.bind(("127.0.0.1" if addr == "localhost" else addr, port))
+        except OSError:
+            raise RendezvousError(
+                f"rendezvous port {port} on {addr} is already in use (another run on this machine?); pick a free "
+                f"one with `deepspeed --master_port N ...`, `torchrun --master_port N ...` or MASTER_PORT=N"
+            ) from None
+
+
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
     """Initialise the process group (idempotent) and return ``(rank, world_size, device)``.
 
@@ -174,6 +194,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     if not (tdist.is_available() and tdist.is_initialized()):
         remove_stale_build_locks()
+        if os.environ.get("RANK", "0") == "0":
+            check_rendezvous_port(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         _ds().init_distributed(dist_backend=backend)
     return tdist.get_rank(), tdist.get_world_size(), device_for(local_rank, backend)
 
