@@ -88,26 +88,29 @@ def load_tensors(path: str | os.PathLike, allow: tuple = (), mmap: bool = False)
 def check_writable(path: str | os.PathLike, flag: str, directory: bool = False) -> None:
     """Fail fast (before any expensive work) if output ``path`` cannot be created or written.
 
-    ``directory``: ``path`` is a directory to create (or reuse); else a file whose parent is created.
-    Probes by creating (and removing) a temporary file where the output will go, so a read-only
-    mount, a parent that is a file, or missing permissions raise :class:`OutputError` naming ``flag``.
-    Directories this creates are left in place (empty), as the tool would create them anyway.
+    ``directory``: ``path`` is a directory to create (or reuse); else a file. Probes by creating and
+    removing a temporary file in the nearest existing directory on the way to ``path`` (nothing is
+    left behind), so a read-only place, a parent that is a file, or missing permissions raise
+    :class:`OutputError` naming ``flag``.
     """
     path = os.path.abspath(os.fspath(path))
-    target_dir = path if directory else os.path.dirname(path)
     if not directory and os.path.isdir(path):
         raise OutputError(f"{flag} {path} is a directory; give a file path")
     if directory and os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"{flag} {path} exists and is not a directory; choose another path")
+    existing = path if directory else os.path.dirname(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f"{flag} {path} cannot be created: {existing} is a file; choose another path")
+    probe = os.path.join(existing, f".udmtrain-write-probe-{os.getpid()}")
     try:
-        os.makedirs(target_dir, exist_ok=True)
-        probe = os.path.join(target_dir, f".udmtrain-write-probe-{os.getpid()}")
         with open(probe, "w", encoding="utf-8"):
             pass
         os.remove(probe)
     except OSError as err:
-        raise OutputError(f"{flag} {path} cannot be written ({err.strerror or err}); choose a writable "
-                          "location") from None
+        raise OutputError(f"{flag} {path} cannot be written ({err.strerror or err} in {existing}); choose a "
+                          "writable location") from None
 
 
 class OutputError(ValueError):
