@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
-from udmtrain.utils.io import OutputError, check_writable  # noqa: E402
+from udmtrain.utils.io import check_writable  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ([f"sampler.num_steps={args.steps}"] if args.steps else []) + inf.split_overrides(unknown)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema, device=device)
+    if args.positions > loaded.cfg.data.seq_len:
+        raise inf.InferenceError(f"--positions {args.positions} exceeds the sequence length {loaded.cfg.data.seq_len} "
+                          f"of {loaded.step_dir}; use at most {loaded.cfg.data.seq_len}")
     kind = process_kind(loaded.components.process) if loaded.components.is_diffusion else "autoregressive"
     if kind != "uniform":
         name = loaded.cfg.process.name if loaded.cfg.process is not None else "none (AR model)"
         raise inf.InferenceError(f"the LOO probe needs a model with a leave-one-out posterior (the uniform "
                                  f"process); {loaded.step_dir} uses process {name!r}")
-    if args.positions > loaded.cfg.data.seq_len:
-        raise OutputError(f"--positions {args.positions} exceeds the sequence length {loaded.cfg.data.seq_len} "
-                          f"of {loaded.step_dir}; use at most {loaded.cfg.data.seq_len}")
     recorder = RecordingNetwork(loaded.network())
     drawn = inf.draw_samples(loaded, args.num_samples, args.num_samples, args.seed, network=recorder)
     result = loo_sensitivity_probe(loo_fn_for(loaded), recorder.states, vocab_size=loaded.vocab_size,
