@@ -46,6 +46,13 @@ def main(argv: list[str]) -> int:
     from udmtrain.utils.io import UnsafeFileError
 
     problem = _check_data(cfg)  # before any process group or JIT build: a missing corpus fails in seconds
+    if problem is None:
+        from udmtrain.utils.io import OutputError, check_writable
+
+        try:
+            check_writable(os.path.join(cfg.run.output_root, cfg.run.name), "run.output_root/run.name", directory=True)
+        except OutputError as err:
+            problem = str(err)
     if problem is not None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"udmtrain: {problem}", file=sys.stderr)

@@ -86,6 +86,16 @@ def test_unwritable_output_is_refused_before_the_work(name: str, argv: list[str]
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
+def test_unwritable_run_directory(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    from test_recipe_faults import pretrain_main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code, out = pretrain_main(["--recipe", "recipes/quickstart.yaml", "run.name=x", f"run.output_root={blocker}",
+                               *TINY, *data_overrides(tiny_data), "train.max_steps=1"], capsys)
+    assert_refused(code, out, "run.output_root", str(blocker))
+
+
 def test_judge_directory_that_is_neither_run_nor_hf_model(trained_run: Path, tmp_path: Path, capsys) -> None:
     judge = tmp_path / "judge"
     judge.mkdir()
