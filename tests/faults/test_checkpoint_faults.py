@@ -117,3 +117,11 @@ def test_old_checkpoint_with_numpy_rng_state_still_loads(run_copy: Path, capsys)
     random.seed(0)
     code, out = in_process("inspect_ckpt", [str(run_copy)], capsys)
     assert code == 0, out
+
+
+def test_eval_ppl_refuses_a_shard_outside_the_manifest(trained_run: Path, data_copy: Path, capsys) -> None:
+    import shutil
+
+    shutil.copy(data_copy / "valid-000000.tar", data_copy / "valid-999999.tar")
+    code, out = in_process("eval_ppl", ["--ckpt", str(trained_run), "--data", str(data_copy)], capsys)
+    assert_refused(code, out, "valid-999999.tar", "not listed")

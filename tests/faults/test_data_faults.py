@@ -192,3 +192,51 @@ def test_prepare_data_leaves_nothing_on_a_clean_error(tmp_path: Path, tiny_data:
     assert_refused(code, captured.out + captured.err, culprit)
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith("out")]
     assert not leftovers or all(not any(p.iterdir()) for p in leftovers), leftovers
+
+
+def test_interrupted_prepare_resumes_from_partial_and_publishes(tmp_path: Path, tiny_data: Path) -> None:
+    from udmtrain.data.prepare import prepare
+    from udmtrain.data.sources import SourceSpec
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " + "words here " * (i % 7 + 3)}) + "\n"
+                              for i in range(300)))
+    spec = SourceSpec(kind="files", inputs=[str(corpus)], valid_fraction=0.1)
+    out = tmp_path / "out"
+    tok = str(tiny_data / "tokenizer.model")
+    prepare(spec, tok, 32, str(out), samples_per_shard=8, progress=False)
+    published = {p.name: p.read_bytes() for p in out.iterdir()}
+    # an interruption: the data set as it was mid-build, in out.partial, with a half-written shard
+    partial = Path(str(out) + ".partial")
+    shutil.copytree(out, partial)
+    shutil.rmtree(out)
+    train = sorted(n for n in published if n.startswith("train") and n.endswith(".tar"))
+    for name in train[2:] + [n for n in published if n.startswith("valid")]:
+        (partial / name).unlink(missing_ok=True)
+        (partial / (name[:-4] + ".json")).unlink(missing_ok=True)
+    (partial / "manifest.json").unlink()
+    (partial / (train[2] + ".tmp")).write_bytes(b"half")
+    prepare(spec, tok, 32, str(out), samples_per_shard=8, progress=False)
+    assert not partial.exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"} == \
+        {k: v for k, v in published.items() if k != "manifest.json"}
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_training_reports_corrupt_data(data_copy: Path, tmp_path: Path, policy: str) -> None:
+    """``fail``: one line naming shard and sample key, exit 2; ``skip``: counted on the console line
+    and in metrics.jsonl."""
+    from conftest import run
+
+    key = _plant_bad_id(data_copy)
+    proc = run(["launch/pretrain.py", "--recipe", "recipes/quickstart.yaml", "run.name=c",
+                f"run.output_root={tmp_path}", *TINY, *data_overrides(data_copy), "train.max_steps=2",
+                "data.shuffle=false", f"data.on_corrupt={policy}"])
+    output = proc.stdout + proc.stderr
+    if policy == "fail":
+        assert_refused(proc.returncode, output, "train-000000.tar", key)
+        return
+    assert proc.returncode == 0, output[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("data/corrupt_skipped", 0) for r in records) == 1
+    assert "corrupt_skipped 1" in proc.stdout
