@@ -29,7 +29,7 @@ Loading an export back (plain PyTorch + udmtrain, no engine, no checkpoint)::
     cfg = load_recipe("exports/audm/recipe.yaml")   # after moving DIR: add ["tokenizer.path=NEW/tokenizer.model"]
     components = build_components(cfg, meta["vocab_size"])   # process, schedule, sampler, ... and the model
     model = components.model
-    model.load_state_dict(torch.load("exports/audm/model.pt", map_location="cpu"))
+    model.load_state_dict(torch.load("exports/audm/model.pt", map_location="cpu", weights_only=True))
     model.eval()                                     # a bf16 export: model.to(torch.bfloat16) first, or keep fp32
 
 ``udmtrain.data.tokenizers.load_tokenizer(cfg.tokenizer)`` gives the tokenizer (DIR/tokenizer.model).
