@@ -194,7 +194,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     if not (tdist.is_available() and tdist.is_initialized()):
         remove_stale_build_locks()
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            # (under torchrun the launcher's agent already serves the store on MASTER_PORT)
             check_rendezvous_port(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         _ds().init_distributed(dist_backend=backend)
     return tdist.get_rank(), tdist.get_world_size(), device_for(local_rank, backend)
