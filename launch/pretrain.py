@@ -72,6 +72,8 @@ def main(argv: list[str]) -> int:
         if os.environ.get("UDMTRAIN_DEBUG") == "1":
             raise
         print(f"udmtrain: rank {os.environ.get('RANK', '0')}: {err}", file=sys.stderr, flush=True)
+        if world_size > 1:  # the other ranks wait in a collective: a teardown barrier would hang, so leave now
+            os._exit(2)
         return 2
     finally:
         run.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +113,6 @@ def test_old_checkpoint_with_numpy_rng_state_still_loads(run_copy: Path, capsys)
     expected = np.random.random(3)
     restore_rng_state(load_rank_state(step_dir(run_copy), 0)["rng"])
     assert np.array_equal(np.random.random(3), expected)
-    random.seed(0)
     code, out = in_process("inspect_ckpt", [str(run_copy)], capsys)
     assert code == 0, out
 
