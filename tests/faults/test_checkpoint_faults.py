@@ -123,3 +123,31 @@ def test_eval_ppl_refuses_a_shard_outside_the_manifest(trained_run: Path, data_c
     shutil.copy(data_copy / "valid-000000.tar", data_copy / "valid-999999.tar")
     code, out = in_process("eval_ppl", ["--ckpt", str(trained_run), "--data", str(data_copy)], capsys)
     assert_refused(code, out, "valid-999999.tar", "not listed")
+
+
+def test_kill_9_mid_run_then_resume_is_bit_exact(trained_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """SIGKILL right after the first checkpoint (mid-step or mid-save), then resume: the final weights
+    equal the uninterrupted run's bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, data_overrides, env
+
+    from udmtrain.engine.deepspeed_engine import load_fp32_state_dict
+
+    args = [sys.executable, "launch/pretrain.py", "--recipe", "recipes/quickstart.yaml", "run.name=base",
+            f"run.output_root={tmp_path}", *TINY, *data_overrides(tiny_data), "train.max_steps=2",
+            "engine.zero_stage=1", "checkpoint.every=1"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "base" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before the kill: nothing was tested"
+    resumed = run(args[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = load_fp32_state_dict(step_dir(trained_run)), load_fp32_state_dict(step_dir(tmp_path / "base"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
