@@ -27,6 +27,11 @@ def main(argv: list[str]) -> int:
     try:
         recipe, overrides, dry_run = parse_cli(argv)
         cfg = load_recipe(recipe, overrides, world_size=world_size)
+        from udmtrain.train.preflight import construction_issues
+
+        issues = construction_issues(cfg)  # what building the run would reject, found without building it
+        if issues:
+            raise ConfigError(issues, recipe)
     except ConfigError as err:
         report_and_exit(err)
     if dry_run:
@@ -37,15 +42,24 @@ def main(argv: list[str]) -> int:
     from udmtrain.data.errors import DataError
     from udmtrain.train.build import build_trainer
     from udmtrain.train.checkpoint import CheckpointError
+    from udmtrain.engine.deepspeed_engine import RendezvousError
+    from udmtrain.utils.io import UnsafeFileError
 
     problem = _check_data(cfg)  # before any process group or JIT build: a missing corpus fails in seconds
+    if problem is None:
+        from udmtrain.utils.io import OutputError, check_writable
+
+        try:
+            check_writable(os.path.join(cfg.run.output_root, cfg.run.name), "run.output_root/run.name", directory=True)
+        except OutputError as err:
+            problem = str(err)
     if problem is not None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"udmtrain: {problem}", file=sys.stderr)
         return 2
     try:
         run = build_trainer(cfg)
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, UnsafeFileError, RendezvousError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"udmtrain: {err}", file=sys.stderr)
         from udmtrain.engine.deepspeed_engine import teardown
@@ -54,6 +68,13 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         reason = run.trainer.train()
+    except DataError as err:  # a shard that turned out corrupt mid-run: one line, not a worker traceback
+        if os.environ.get("UDMTRAIN_DEBUG") == "1":
+            raise
+        print(f"udmtrain: rank {os.environ.get('RANK', '0')}: {err}", file=sys.stderr, flush=True)
+        if world_size > 1:  # the other ranks wait in a collective: a teardown barrier would hang, so leave now
+            os._exit(2)
+        return 2
     finally:
         run.close()
     return 3 if reason == "nonfinite" else 0

@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="what", required=True)
     train = sub.add_parser("train", help="training throughput and MFU of a recipe")
     train.add_argument("--recipe", required=True, help="recipe YAML")
-    train.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
-    train.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
+    from udmtrain.utils.argtypes import nonnegative_int, positive_int
+
+    train.add_argument("--steps", type=positive_int, default=10, help="timed optimizer steps (default 10)")
+    train.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed optimizer steps first (default 2)")
     train.add_argument("--out", default=None, help="also write the JSON report to this file")
     train.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. engine.zero_stage=3")
     sub.add_parser("data", help="data loader throughput (tools/bench_data.py)", add_help=False)
@@ -163,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from udmtrain.config import ConfigError, report_and_exit
     from udmtrain.data.errors import DataError
+    from udmtrain.utils.io import check_writable
 
     try:
+        if args.out:
+            check_writable(args.out, "--out")
         report = run_train_bench(args.recipe, args.overrides, args.steps, args.warmup)
     except ConfigError as err:
         report_and_exit(err)

@@ -24,11 +24,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="prepare_data output directory, or a shard pattern")
     p.add_argument("--manifest", default=None, help="manifest.json (needed only for remote shards)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--shuffle-buffer", type=int, default=1000)
-    p.add_argument("--num-batches", type=int, default=100)
-    p.add_argument("--warmup-batches", type=int, default=5)
+    from udmtrain.utils.argtypes import nonnegative_int, positive_int
+
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-workers", type=nonnegative_int, default=2)
+    p.add_argument("--shuffle-buffer", type=nonnegative_int, default=1000)
+    p.add_argument("--num-batches", type=positive_int, default=100)
+    p.add_argument("--warmup-batches", type=nonnegative_int, default=5)
     p.add_argument("--seed", type=int, default=0)
     return p
 

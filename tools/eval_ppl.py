@@ -29,20 +29,21 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
-from udmtrain.utils.io import write_text_atomic  # noqa: E402
+from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
+from udmtrain.utils.io import check_writable, write_text_atomic  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
     p.add_argument("--data", nargs="+", default=None, help="validation shard dirs/patterns (default: recipe's)")
-    p.add_argument("--num-t-samples", type=int, default=None, help="K time samples (default: eval.num_t_samples)")
+    p.add_argument("--num-t-samples", type=positive_int, default=None, help="K time samples (default: eval.num_t_samples)")
     p.add_argument("--method", choices=["mc", "quadrature"], default="mc")
-    p.add_argument("--batch-size", type=int, default=None, help="per rank (default: engine.micro_batch_size)")
-    p.add_argument("--max-batches", type=int, default=None, help="per rank per data set (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="per rank (default: engine.micro_batch_size)")
+    p.add_argument("--max-batches", type=positive_int, default=None, help="per rank per data set (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: the rank's device)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu | cuda[:i] (default: the rank's device)")
     p.add_argument("--out", default=None, help="JSON output file (rank 0)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -111,6 +112,8 @@ def evaluate(loaded: inf.Loaded, spec: str, args, rank: int, world: int) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out:
+        check_writable(args.out, "--out")
     inf.resolve_checkpoint(args.ckpt)  # a bad path fails before any process group starts
     rank, world, device = setup_ranks(args.device)
     try:

@@ -33,7 +33,7 @@ Loading an export back (plain PyTorch + udmtrain, no engine, no checkpoint)::
     cfg = load_recipe("exports/audm/recipe.yaml")   # after moving DIR: add ["tokenizer.path=NEW/tokenizer.model"]
     components = build_components(cfg, meta["vocab_size"])   # process, schedule, sampler, ... and the model
     model = components.model
-    model.load_state_dict(torch.load("exports/audm/model.pt", map_location="cpu"))
+    model.load_state_dict(torch.load("exports/audm/model.pt", map_location="cpu", weights_only=True))
     model.eval()                                     # a bf16 export: model.to(torch.bfloat16) first, or keep fp32
 
 ``udmtrain.data.tokenizers.load_tokenizer(cfg.tokenizer)`` gives the tokenizer (DIR/tokenizer.model).
@@ -54,6 +54,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
+from udmtrain.utils.io import check_writable  # noqa: E402
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 TOKENIZER_FILE = "tokenizer.model"
@@ -194,6 +195,7 @@ def export_rev_udm(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
+    check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", directory=True)
     if args.format == "rev_udm":
         return export_rev_udm(args, inf.split_overrides(unknown))
     meta = export(args.path, args.out, use_ema=not args.no_ema, dtype=args.dtype, force=args.force,

@@ -56,11 +56,16 @@ python launch/pretrain.py --recipe recipes/mdlm.yaml --dry-run
 * **Scalars follow YAML 1.2:** `3e-4` and `1_000_000` are numbers; only `true`/`false` are booleans
   (`yes`, `no`, `on`, `off` are strings); `null`, `~` and an empty value are null; quoted values are strings.
 * **No interpolation, no code.** Derived values (gradient accumulation steps, tokens per optimizer
-  step) are computed and printed, never written in a recipe.
+  step) are computed and printed, never written in a recipe. The one way a recipe can run a command
+  is a `pipe:` shard location, refused unless the recipe also sets `data.allow_shell_urls: true`
+  (docs/security.md).
 * A component may be given by name only: `tokenizer: gpt2` is `tokenizer: {name: gpt2}`.
 * Every problem (unknown key, wrong type, unknown component, a key of another component,
   incompatible components, batch arithmetic) is reported at once with its file:line:column and a
-  suggestion; the exit code is 2.
+  suggestion; the exit code is 2. `launch/pretrain.py` (with or without `--dry-run`) then *builds*
+  every component on the `meta` device, so whatever a constructor rejects (`optim.lr=-1`,
+  `sampler.top_p=0`, a cosine decay shorter than its warmup, ...) is reported the same way before
+  anything starts.
 """
 
 

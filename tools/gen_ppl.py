@@ -24,7 +24,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
-from udmtrain.utils.io import write_text_atomic  # noqa: E402
+from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
+from udmtrain.utils.io import check_writable, write_text_atomic  # noqa: E402
 
 SWEEP_KEYS = {"temperature": float, "top_p": float, "steps": int}
 
@@ -32,17 +33,17 @@ SWEEP_KEYS = {"temperature": float, "top_p": float, "steps": int}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
-    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--num-samples", type=positive_int, default=64)
     inf.add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None, help="samples per sampler call (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="samples per sampler call (default: all)")
     p.add_argument("--judge", default="gpt2-large", help="udmtrain AR run/step dir | HF dir | HF hub id")
-    p.add_argument("--judge-batch-size", type=int, default=8)
+    p.add_argument("--judge-batch-size", type=positive_int, default=8)
     p.add_argument("--judge-dtype", default="float32", help="Hugging Face judges: float32 | bfloat16 | float16")
     p.add_argument("--prefix-eos", action="store_true", help="prefix the judge's EOS to every sample")
     p.add_argument("--mauve-references", default=None, help="text file, one reference text per line")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu | cuda[:i] (default: cuda when available)")
     p.add_argument("--out", default=None, help="JSON report (single run)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help=f"grid over {', '.join(SWEEP_KEYS)}; needs --out-dir")
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = inf.sampler_overrides(args, inf.split_overrides(unknown))
     if args.sweep and not args.out_dir:
         raise inf.InferenceError("--sweep needs --out-dir (where frontier.csv and frontier.png go)")
+    if args.out:
+        check_writable(args.out, "--out")
+    if args.out_dir:
+        check_writable(args.out_dir, "--out-dir", directory=True)
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema, device=device)
     settings = parse_sweep(args.sweep, loaded) if args.sweep else None  # validate before loading the judge

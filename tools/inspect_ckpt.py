@@ -138,8 +138,10 @@ def cursor_summary(cursor: dict[str, Any]) -> dict[str, Any]:
 
 def inspect_step(step_dir: Path) -> dict[str, Any]:
     """Everything about one complete step directory (see the module docstring)."""
-    import torch
     import yaml
+
+    from udmtrain.engine.deepspeed_engine import check_checkpoint_files
+    from udmtrain.train.checkpoint import load_rank_state
 
     meta = _read_meta(step_dir)
     recipe_path = step_dir / "recipe.yaml"
@@ -147,13 +149,14 @@ def inspect_step(step_dir: Path) -> dict[str, Any]:
         raise inf.CheckpointNotFound(f"{step_dir} has no recipe.yaml; it was not written by udmtrain's Checkpointer")
     recipe = yaml.safe_load(recipe_path.read_text()) or {}
     world = int(meta.get("world_size") or 1)
+    check_checkpoint_files(step_dir)  # refuse foreign code in the DeepSpeed shards up front
     ranks, state0 = [], None
     for rank in range(world):
         path = step_dir / f"rank{rank}_state.pt"
         if not path.is_file():
             ranks.append({"rank": rank, "missing": os.fspath(path)})
             continue
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_rank_state(step_dir, rank)
         if rank == 0:
             state0 = state
         ranks.append({"rank": rank, **cursor_summary(state.get("data_cursor") or {})})

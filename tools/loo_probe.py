@@ -21,18 +21,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
+from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
+from udmtrain.utils.io import check_writable  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
-    p.add_argument("--steps", type=int, default=None, help="sampler.num_steps (default: the recipe's)")
-    p.add_argument("--num-samples", type=int, default=4, help="batch size of the probed trajectory")
-    p.add_argument("--positions", type=int, default=5, help="positions perturbed per trial")
-    p.add_argument("--trials", type=int, default=10, help="trials per recorded state")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler.num_steps (default: the recipe's)")
+    p.add_argument("--num-samples", type=positive_int, default=4, help="batch size of the probed trajectory")
+    p.add_argument("--positions", type=positive_int, default=5, help="positions perturbed per trial")
+    p.add_argument("--trials", type=positive_int, default=10, help="trials per recorded state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu | cuda[:i] (default: cuda when available)")
     p.add_argument("--out-dir", required=True, help="where probe.json and probe.png go")
     return p
 
@@ -58,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     from udmtrain.eval.probe import RecordingNetwork, loo_sensitivity_probe, plot_probe_curve
 
     args, unknown = build_parser().parse_known_args(argv)
+    check_writable(args.out_dir, "--out-dir", directory=True)
     overrides = ([f"sampler.num_steps={args.steps}"] if args.steps else []) + inf.split_overrides(unknown)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema, device=device)
+    if args.positions > loaded.cfg.data.seq_len:
+        raise inf.InferenceError(f"--positions {args.positions} exceeds the sequence length {loaded.cfg.data.seq_len} "
+                          f"of {loaded.step_dir}; use at most {loaded.cfg.data.seq_len}")
     if not (loaded.components.is_diffusion and loaded.components.process.supports_loo):
         name = loaded.cfg.process.name if loaded.cfg.process is not None else "none (AR model)"
         raise inf.InferenceError(f"the LOO probe needs a model with a leave-one-out posterior (the uniform "

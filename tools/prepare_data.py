@@ -20,6 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.data.errors import DataError  # noqa: E402
+from udmtrain.utils.argtypes import nonnegative_int, positive_int, unit_interval_open  # noqa: E402
+from udmtrain.utils.io import OutputError, check_writable  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--txt-unit", default="file", choices=["file", "paragraph"],
                    help="one document per .txt file, or per blank-line-separated paragraph")
     p.add_argument("--tokenizer", required=True, help="TOKENIZER.model | gpt2 | GPT2_DIR")
-    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--seq-len", type=positive_int, required=True)
     p.add_argument("--packing", default="wrap", choices=["wrap", "pad"])
-    p.add_argument("--samples-per-shard", type=int, default=1024)
-    p.add_argument("--valid-fraction", type=float, default=0.02,
+    p.add_argument("--samples-per-shard", type=positive_int, default=1024)
+    p.add_argument("--valid-fraction", type=unit_interval_open, default=0.02,
                    help="held-out share of documents when the source has no validation split")
     p.add_argument("--splits", nargs="+", default=["train", "valid"], choices=["train", "valid"])
-    p.add_argument("--num-workers", type=int, default=max(0, min(8, (os.cpu_count() or 1) - 1)),
+    p.add_argument("--num-workers", type=nonnegative_int, default=max(0, min(8, (os.cpu_count() or 1) - 1)),
                    help="tokenizer worker processes (0: tokenize in this process)")
     p.add_argument("--overwrite", action="store_true", help="delete existing shards in --out first")
     p.add_argument("--no-progress", action="store_true")
@@ -59,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python tools/prepare_data.py " + shlex.join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--overwrite",))
     try:
+        check_writable(args.out, "--out", directory=True)
         manifest = prepare(spec, args.tokenizer, args.seq_len, args.out, packing=args.packing,
                            samples_per_shard=args.samples_per_shard, num_workers=args.num_workers,
                            splits=tuple(args.splits), overwrite=args.overwrite,
                            progress=not args.no_progress, command=command)
-    except DataError as err:
+    except (DataError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {split: {k: v for k, v in rec.items() if k != "shards"} for split, rec in manifest["splits"].items()}

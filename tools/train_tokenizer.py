@@ -20,6 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.data.errors import DataError  # noqa: E402
+from udmtrain.utils.argtypes import positive_int, unit_interval_open  # noqa: E402
+from udmtrain.utils.io import OutputError, check_writable  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-name")
     p.add_argument("--hf-config")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=positive_int, required=True)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    p.add_argument("--valid-fraction", type=float, default=0.02)
+    p.add_argument("--valid-fraction", type=unit_interval_open, default=0.02)
     p.add_argument("--max-documents", type=int, default=None, help="train on the first N documents only")
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="sentencepiece input_sentence_size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="TOKENIZER.model")
     args = p.parse_args(argv)
+    try:
+        check_writable(args.out, "--out")
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from udmtrain.data.sources import SourceSpec, iter_documents
     from udmtrain.data.tokenizers import train_sentencepiece
 

@@ -34,6 +34,8 @@ def parse_cli(argv: Sequence[str]) -> tuple[str, list[str], bool]:
         if arg == "--recipe" or arg.startswith("--recipe="):
             if "=" in arg:
                 recipe = arg.split("=", 1)[1]
+                if not recipe:
+                    issues.append(ConfigIssue("--recipe", origin, "--recipe= is empty; it needs a path", USAGE))
             elif i + 1 < len(args):
                 i += 1
                 recipe = args[i]

@@ -119,11 +119,30 @@ def _scalar(node: yaml.ScalarNode) -> Any:
 class _Builder:
     """Turn a composed node tree into a ``Tree``, collecting issues instead of raising."""
 
+    MAX_DEPTH = 64
+    """Deeper nesting is refused: no recipe needs it, and it would exhaust Python's recursion limit."""
+
     def __init__(self, source: str, issues: list[ConfigIssue]):
         self.source, self.issues = source, issues
         self.tree = Tree({})
+        self._open: set[int] = set()  # nodes being built: an alias back to one of them is a cycle
 
     def value(self, node: yaml.Node, path: str) -> Any:
+        if id(node) in self._open or path.count(".") + path.count("[") >= self.MAX_DEPTH:
+            cycle = id(node) in self._open
+            self.issues.append(ConfigIssue(
+                path.split("[")[0].rsplit(".", 1)[0] if path else "", _mark(self.source, node),
+                "a YAML alias refers to a mapping that contains it (self-referencing anchor)" if cycle
+                else f"nested more than {self.MAX_DEPTH} levels deep",
+                "write the values out instead of the alias" if cycle else "flatten the structure"))
+            return None
+        self._open.add(id(node))
+        try:
+            return self._value(node, path)
+        finally:
+            self._open.discard(id(node))
+
+    def _value(self, node: yaml.Node, path: str) -> Any:
         self.tree.origins[path] = _mark(self.source, node)
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
@@ -165,6 +184,9 @@ def parse_yaml(text: str, source: str, issues: list[ConfigIssue], prefix: str = 
         return None
     except yaml.YAMLError as err:  # e.g. a bad character outside any mark
         issues.append(ConfigIssue("", source, f"YAML error: {err}".splitlines()[0]))
+        return None
+    except RecursionError:  # the composer recurses once per nesting level
+        issues.append(ConfigIssue("", source, "YAML nested too deeply to read", "flatten the structure"))
         return None
     builder = _Builder(source, issues)
     builder.tree.data = builder.value(node, prefix) if node is not None else None  # type: ignore[assignment]
@@ -220,6 +242,8 @@ def _deepcopy(value: Any) -> Any:
 
 def display_path(path: str) -> str:
     """A path as the user should see it: relative to the working directory when that is shorter."""
+    if not path:
+        return "''"
     rel = os.path.relpath(path)
     return rel if not rel.startswith("..") else os.path.normpath(path)
 
@@ -237,6 +261,13 @@ def load_file(path: str, issues: list[ConfigIssue], _chain: tuple[str, ...] = ()
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
+    except UnicodeDecodeError as err:
+        binary = b"\0" in err.object
+        issues.append(ConfigIssue("base" if _named_at else "", _named_at or shown,
+                                  f"{shown} is {'a binary file' if binary else 'not UTF-8 text'} (byte "
+                                  f"0x{err.object[err.start]:02x} at offset {err.start})",
+                                  "a recipe is a YAML text file" if binary else "save the file as UTF-8"))
+        return Tree({})
     except FileNotFoundError:
         issues.append(ConfigIssue("base" if _named_at else "", _named_at or shown,
                                   f"recipe file not found: {shown}",

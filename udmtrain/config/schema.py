@@ -35,7 +35,8 @@ class RunSection:
     """Run identity and output location."""
 
     name: str = "unnamed"
-    """Run name; outputs go to ``<output_root>/<name>/``."""
+    """Run name; outputs go to ``<output_root>/<name>/``. A plain directory name: no ``/``, ``..`` or
+    absolute path, so a run never writes outside ``output_root``."""
     output_root: str = "runs"
     """Directory holding one sub-directory per run."""
     seed: int = 1
@@ -135,6 +136,9 @@ class DataSection:
     """Shuffle shard order and samples (seeded by run.seed, epoch, rank, worker); false streams in order."""
     manifest: str | None = None
     """Local path of the shards' manifest.json; needed when the shards are remote URLs (pipe:, http:)."""
+    allow_shell_urls: bool = False
+    """Allow ``pipe:COMMAND`` shard locations, which run COMMAND in a shell (e.g. ``pipe:aws s3 cp
+    s3://bucket/train-000000.tar -``). Off by default so that a recipe never runs code unless it says so."""
     document_attention: bool = False
     """Restrict attention (training and validation) to each token's own document, using the shards'
     per-token document ids. Meaningful with ``wrap`` packing, where a sequence concatenates several

@@ -63,6 +63,9 @@ _BOUNDS: tuple[tuple[str, Any, str], ...] = (
     ("data.seq_len", lambda v: v >= 1, "must be >= 1"),
     ("data.shuffle_buffer", lambda v: v >= 0, "must be >= 0"),
     ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
+    ("run.name", lambda v: bool(v) and v not in (".", "..") and "/" not in v and "\\" not in v and "\0" not in v,
+     "must be a plain directory name (no '/', '..' or absolute path): the run is written to "
+     "<run.output_root>/<run.name>"),
 )
 
 
@@ -251,6 +254,7 @@ def cross_checks(built: dict[str, Any], classes: dict[str, type], checker: _Chec
         section, key = path.split(".")
         if built[section] is not None and not ok(value := getattr(built[section], key)):
             checker.add(path, f"{show(value)} {requirement}", value=value)
+    _check_shell_urls(built.get("data"), checker)
     engine = built["engine"]
     if engine is None:
         _check_requires(built, classes, checker)
@@ -274,6 +278,24 @@ def cross_checks(built: dict[str, Any], classes: dict[str, type], checker: _Chec
     _check_requires(built, classes, checker)
     _check_capabilities(built, classes, checker)
     return checker.issues[before:]
+
+
+SHELL_SCHEMES = ("pipe:",)
+"""Shard URL schemes that run a shell command (webdataset's ``gopen``)."""
+
+
+def _check_shell_urls(data: Any, checker: _Checker) -> None:
+    """``pipe:`` shard locations run a shell command: only with ``data.allow_shell_urls: true``."""
+    if data is None or data.allow_shell_urls:
+        return
+    for key in ("train_shards", "valid_shards", "manifest"):
+        value = getattr(data, key)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item.strip().startswith(SHELL_SCHEMES):
+                checker.add(f"data.{key}", f"{item.split()[0]!r}... runs a shell command, and recipes run no code "
+                            "unless they opt in", "set data.allow_shell_urls=true if you trust this command",
+                            value=item)
+                break
 
 
 def _check_deepspeed_extra(extra: dict[str, Any], checker: _Checker) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from udmtrain.data.errors import DataError
-from udmtrain.data.manifest import load_manifest, manifest_path_for
+from udmtrain.data.manifest import load_manifest, manifest_path_for, verify_shard_set
 from udmtrain.data.shards import CorruptSample, assign, decode_sample, epoch_order, resolve_shards
 from udmtrain.data.webdataset import iter_raw_samples
 
@@ -58,26 +58,35 @@ class _CorruptPolicy:
 
     def __call__(self, exn: Exception) -> bool:
         if self.on_corrupt == "fail":
-            raise DataError(f"corrupt or unreadable shard {self.url}: {type(exn).__name__}: {exn}. "
-                            "Rebuild it with tools/prepare_data.py, or set data.on_corrupt: skip") from exn
+            what = str(exn) if isinstance(exn, (CorruptSample, DataError)) else f"{type(exn).__name__}: {exn}"
+            raise DataError(f"shard {self.url}: {what}; rebuild it with tools/prepare_data.py, or set "
+                            "data.on_corrupt: skip to skip and count bad samples") from None
         self.count += 1
         log.warning("skipping corrupt data in shard %s: %s: %s", self.url, type(exn).__name__, exn)
         return True
 
 
-def _shard_samples(url: str, seq_len: int, on_corrupt: str, counter: list[int],
-                   decode: bool) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard; with ``decode`` they are decoded and checked (corrupt ones handled)."""
+def _shard_samples(url: str, seq_len: int, on_corrupt: str, counter: list[int], decode: bool,
+                   expected: int | None = None, vocab_size: int | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard; with ``decode`` they are decoded and checked (corrupt ones handled).
+
+    ``expected`` (the manifest's count): a shard that ends after another number of samples without a
+    read error (a tar cut at a member boundary, a replaced file) is corrupt too.
+    """
     policy = _CorruptPolicy(on_corrupt, url)
+    read = 0
     try:
         for raw in iter_raw_samples(url, policy):
+            read += 1
             if decode:
                 try:
-                    raw["_arrays"] = decode_sample(raw, seq_len)
+                    raw["_arrays"] = decode_sample(raw, seq_len, vocab_size)
                 except CorruptSample as err:
                     policy(err)
                     continue
             yield raw
+        if expected is not None and read != expected and policy.count == 0:
+            policy(DataError(f"holds {read} samples but the manifest lists {expected} (truncated or replaced)"))
     finally:
         counter[0] += policy.count
 
@@ -104,8 +113,10 @@ class _TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: list[str], seq_len: int, batch_size: int, seed: int, rank: int, world_size: int,
                  num_logical: int, shuffle: bool, shuffle_buffer: int, on_corrupt: str,
-                 cursors: list[tuple[int, int]], rotation: int) -> None:
+                 cursors: list[tuple[int, int]], rotation: int, shard_samples: dict[str, int] | None = None,
+                 vocab_size: int | None = None) -> None:
         self.urls, self.seq_len, self.batch_size, self.seed = urls, seq_len, batch_size, seed
+        self.shard_samples, self.vocab_size = shard_samples or {}, vocab_size
         self.rank, self.world_size, self.num_logical = rank, world_size, num_logical
         self.shuffle, self.shuffle_buffer, self.on_corrupt = shuffle, shuffle_buffer, on_corrupt
         self.cursors, self.rotation = cursors, rotation
@@ -118,7 +129,8 @@ class _TrainStream(torch.utils.data.IterableDataset):
             order = epoch_order(len(self.urls), self.seed, epoch, self.shuffle)
             mine = [self.urls[i] for i in assign(order, self.rank, self.world_size, worker, self.num_logical)]
             rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-            raw = (s for url in mine for s in _shard_samples(url, self.seq_len, self.on_corrupt, counter, False))
+            raw = (s for url in mine for s in _shard_samples(url, self.seq_len, self.on_corrupt, counter, False,
+                                                             self.shard_samples.get(url)))
             emitted = 0
             for sample in _shuffled(raw, self.shuffle_buffer if self.shuffle else 0, rng):
                 emitted += 1
@@ -134,7 +146,7 @@ class _TrainStream(torch.utils.data.IterableDataset):
         ids, docs, keys, reported = [], [], [], 0
         for epoch, emitted, raw, counter in self._samples(worker):
             try:
-                arrays = decode_sample(raw, self.seq_len)
+                arrays = decode_sample(raw, self.seq_len, self.vocab_size)
             except CorruptSample as err:
                 _CorruptPolicy(self.on_corrupt, raw.get("__url__", "?"))(err)
                 counter[0] += 1
@@ -153,14 +165,19 @@ class _TrainStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         physical = info.id if info is not None else 0
-        return self._batches((physical + self.rotation) % self.num_logical)
+        try:
+            yield from self._batches((physical + self.rotation) % self.num_logical)
+        except DataError as err:  # handed over as data: a DataLoader would wrap it in a worker traceback
+            yield {"_error": str(err)}
 
 
 class TrainLoader:
     """Infinite iterator of training batches with ``state_dict()``/``load_state_dict()`` (see module doc)."""
 
     def __init__(self, urls: list[str], seq_len: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int, shuffle_buffer: int, on_corrupt: str, shuffle: bool = True) -> None:
+                 num_workers: int, shuffle_buffer: int, on_corrupt: str, shuffle: bool = True,
+                 shard_samples: dict[str, int] | None = None, vocab_size: int | None = None) -> None:
+        self.shard_samples, self.vocab_size = shard_samples, vocab_size
         if len(urls) < world_size:
             raise DataError(f"{len(urls)} train shards cannot feed {world_size} ranks (each rank needs at "
                             "least one shard per epoch); re-run prepare_data with a smaller --samples-per-shard")
@@ -182,7 +199,7 @@ class TrainLoader:
     def _start(self) -> None:
         stream = _TrainStream(self.urls, self.seq_len, self.batch_size, self.seed, self.rank, self.world_size,
                               self.num_logical, self.shuffle, self.shuffle_buffer, self.on_corrupt,
-                              list(self.cursors), self.next_worker)
+                              list(self.cursors), self.next_worker, self.shard_samples, self.vocab_size)
         if self.num_workers == 0:
             self._it = iter(stream)
         else:
@@ -201,6 +218,9 @@ class TrainLoader:
         if self._it is None:
             self._start()
         batch = next(self._it)
+        if "_error" in batch:
+            self.close()
+            raise DataError(batch["_error"])
         worker, epoch, emitted = batch.pop("_cursor")
         self.num_corrupt += batch.pop("_corrupt")
         self.cursors[worker] = (epoch, emitted)
@@ -241,8 +261,9 @@ class ValidLoader:
     """One pass over the validation shards per ``iter()`` (see module doc)."""
 
     def __init__(self, urls: list[str], shard_samples: dict[str, int], seq_len: int, batch_size: int,
-                 rank: int, world_size: int, pad_id: int, on_corrupt: str) -> None:
+                 rank: int, world_size: int, pad_id: int, on_corrupt: str, vocab_size: int | None = None) -> None:
         self.urls, self.seq_len, self.batch_size = urls, seq_len, batch_size
+        self.shard_samples, self.vocab_size = shard_samples, vocab_size
         self.rank, self.world_size, self.pad_id, self.on_corrupt = rank, world_size, pad_id, on_corrupt
         counts = []
         for r in range(world_size):
@@ -272,7 +293,8 @@ class ValidLoader:
         rows: list[tuple[np.ndarray, np.ndarray, str]] = []
         produced = 0
         for url in self.urls[self.rank::self.world_size]:
-            for raw in _shard_samples(url, self.seq_len, self.on_corrupt, counter, True):
+            expected = self.shard_samples[os.path.basename(url)]
+            for raw in _shard_samples(url, self.seq_len, self.on_corrupt, counter, True, expected, self.vocab_size):
                 rows.append((*raw["_arrays"], raw["__key__"]))
                 if len(rows) == self.batch_size:
                     produced += 1
@@ -289,6 +311,13 @@ class ValidLoader:
 
 
 def _settings(data_cfg: Any) -> dict[str, Any]:
+    if not getattr(data_cfg, "allow_shell_urls", False):
+        for key in ("train_shards", "valid_shards"):
+            spec = getattr(data_cfg, key, None)
+            for item in spec if isinstance(spec, (list, tuple)) else [spec]:
+                if str(item or "").strip().startswith("pipe:"):
+                    raise DataError(f"data.{key}={item!r} runs a shell command; set data.allow_shell_urls=true "
+                                    "if you trust it")
     return {"seq_len": int(data_cfg.seq_len), "num_workers": int(getattr(data_cfg, "num_workers", 0) or 0),
             "shuffle_buffer": int(getattr(data_cfg, "shuffle_buffer", 0) or 0),
             "on_corrupt": str(getattr(data_cfg, "on_corrupt", "fail")),
@@ -302,8 +331,10 @@ def build_train_loader(data_cfg: Any, batch_size: int, rank: int, world_size: in
     """
     s = _settings(data_cfg)
     urls = resolve_shards(data_cfg.train_shards, "train")
+    manifest = load_manifest(manifest_path_for(data_cfg.train_shards, getattr(data_cfg, "manifest", None)))
+    counts = verify_shard_set(manifest, data_cfg.train_shards, urls, "train", s["on_corrupt"])
     return TrainLoader(urls, s["seq_len"], batch_size, rank, world_size, seed, s["num_workers"],
-                       s["shuffle_buffer"], s["on_corrupt"], s["shuffle"])
+                       s["shuffle_buffer"], s["on_corrupt"], s["shuffle"], counts, manifest.vocab_size)
 
 
 def build_valid_loader(data_cfg: Any, batch_size: int, rank: int, world_size: int) -> ValidLoader:
@@ -311,5 +342,6 @@ def build_valid_loader(data_cfg: Any, batch_size: int, rank: int, world_size: in
     s = _settings(data_cfg)
     urls = resolve_shards(data_cfg.valid_shards, "valid")
     manifest = load_manifest(manifest_path_for(data_cfg.valid_shards, getattr(data_cfg, "manifest", None)))
+    verify_shard_set(manifest, data_cfg.valid_shards, urls, "valid", s["on_corrupt"])
     return ValidLoader(urls, manifest.shard_samples("valid"), s["seq_len"], batch_size, rank, world_size,
-                       manifest.pad_id, s["on_corrupt"])
+                       manifest.pad_id, s["on_corrupt"], manifest.vocab_size)

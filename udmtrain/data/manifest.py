@@ -6,16 +6,20 @@ Layout (``format_version`` 1)::
      "source": {...}, "tokenizer": {"name", "path", "sha256", "vocab_size", "bos_id", "eos_id", "pad_id"},
      "vocab_size": V, "seq_len": L, "packing": "wrap" | "pad", "samples_per_shard": S,
      "splits": {"train": {"num_shards", "num_samples", "num_tokens", "num_documents",
-                          "shards": [{"name", "samples", "tokens"}, ...], "stats": {...}},
+                          "shards": [{"name", "samples", "tokens", "bytes", "sha256"}, ...],
+                          "stats": {...}},
                 "valid": {...}},
      "tokens_per_second": ...}
 
-``num_tokens`` counts non-padding positions (BOS/EOS included).
+``num_tokens`` counts non-padding positions (BOS/EOS included). ``bytes`` and ``sha256`` of each
+shard were added later; manifests without them still load (the size check is then skipped, with a
+warning).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +27,7 @@ from typing import Any
 from udmtrain.data.errors import DataError
 from udmtrain.data.shards import is_local, local_path
 
+log = logging.getLogger("udmtrain.data")
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -60,6 +65,49 @@ class Manifest:
     def shard_samples(self, split: str) -> dict[str, int]:
         """``{shard file name: number of samples}`` of ``split``."""
         return {s["name"]: int(s["samples"]) for s in self.split(split)["shards"]}
+
+
+def verify_shard_set(manifest: Manifest, spec: Any, urls: list[str], split: str,
+                     on_corrupt: str = "fail") -> dict[str, int]:
+    """Check the shard URLs a recipe selects against the manifest; returns ``{url: samples}``.
+
+    The manifest, not the file system, says what the data set is: every selected shard must be
+    listed (an extra file is refused); when the spec selects "whatever is there" (a directory or a
+    glob), every listed shard must be present; and a local shard whose size differs from the
+    recorded ``bytes`` (truncated, replaced) is refused, or with ``on_corrupt="skip"`` only reported
+    (the loader then skips and counts what it cannot read). Raises :class:`DataError` naming the shard.
+    """
+    listed = {s["name"]: s for s in manifest.split(split)["shards"]}
+    hint = f"rebuild the shards with: {manifest.raw.get('command') or 'tools/prepare_data.py'}"
+    names = [os.path.basename(local_path(u)) for u in urls]
+    extra = [u for u, n in zip(urls, names) if n not in listed]
+    if extra:
+        raise DataError(f"shard {extra[0]} is not listed in {manifest.path} ({len(extra)} such); it is not part "
+                        f"of this data set: remove it, or {hint}")
+    patterns = spec if isinstance(spec, (list, tuple)) else [spec]
+    whole = all(is_local(str(p)) and (os.path.isdir(local_path(str(p))) or any(c in str(p) for c in "*?["))
+                for p in patterns)
+    missing = sorted(set(listed) - set(names)) if whole else []
+    if missing:
+        where = os.path.dirname(local_path(urls[0])) if urls else "."
+        raise DataError(f"shard {os.path.join(where, missing[0])} is listed in {manifest.path} but missing "
+                        f"({len(missing)} of {len(listed)} {split} shards); restore it, or {hint}")
+    unsized = 0
+    for url, name in zip(urls, names):
+        recorded = listed[name].get("bytes")
+        if recorded is None:
+            unsized += 1
+        elif is_local(url) and os.path.getsize(local_path(url)) != int(recorded):
+            problem = (f"shard {url} has {os.path.getsize(local_path(url))} bytes but {manifest.path} records "
+                       f"{recorded}: it was truncated or replaced")
+            if on_corrupt != "skip":
+                raise DataError(f"{problem}; {hint} (or set data.on_corrupt: skip to read what is left)")
+            log.warning("%s; data.on_corrupt=skip: reading what is left", problem)
+    if unsized:
+        log.warning("%s records no shard sizes (written by an older prepare_data): shard truncation is detected "
+                    "only when a shard is exhausted; re-run tools/prepare_data.py --overwrite to add them",
+                    manifest.path)
+    return {url: int(listed[name]["samples"]) for url, name in zip(urls, names)}
 
 
 def write_manifest(directory: str, record: dict[str, Any]) -> str:
@@ -133,6 +181,16 @@ def _tokenizer_hash(expected: Any) -> str | None:
         return None  # gpt2 not resolvable here (offline): compare the name only
 
 
+def _tokenizer_vocab_size(expected: Any) -> int | None:
+    """V of the recipe's tokenizer, or None when it cannot be loaded here (e.g. GPT-2 offline)."""
+    from udmtrain.data.tokenizers import load_tokenizer
+
+    try:
+        return int(load_tokenizer(expected).vocab_size)
+    except (DataError, OSError):
+        return None
+
+
 def check_manifest(data_cfg: Any, expected_vocab_size: int | None = None,
                    expected_tokenizer: Any = None) -> Manifest:
     """Check the recipe's ``data:`` section against the shards' manifest before training starts.
@@ -153,6 +211,8 @@ def check_manifest(data_cfg: Any, expected_vocab_size: int | None = None,
             checked.append(other)
     if expected_tokenizer is None:
         expected_tokenizer = getattr(data_cfg, "tokenizer", None)
+    if expected_vocab_size is None and expected_tokenizer is not None:
+        expected_vocab_size = _tokenizer_vocab_size(expected_tokenizer)
     want_name = _tokenizer_name(expected_tokenizer)[0] if expected_tokenizer else None
     want_hash: str | None = None
     for m in checked:
@@ -161,8 +221,8 @@ def check_manifest(data_cfg: Any, expected_vocab_size: int | None = None,
             raise DataError(f"data.seq_len={data_cfg.seq_len} but the shards were built with seq_len={m.seq_len} "
                             f"({m.path}); {fix}")
         if expected_vocab_size is not None and m.vocab_size != int(expected_vocab_size):
-            raise DataError(f"vocabulary size {expected_vocab_size} expected but the shards' tokenizer has "
-                            f"V={m.vocab_size} ({m.path}); {fix}")
+            raise DataError(f"vocabulary size {expected_vocab_size} expected (the tokenizer's) but the shards' "
+                            f"manifest says V={m.vocab_size} ({m.path}); {fix}")
         recorded = m.tokenizer
         if want_name is not None and recorded.get("name") != want_name:
             raise DataError(f"data.tokenizer is {want_name!r} but the shards were tokenized with "
@@ -174,7 +234,9 @@ def check_manifest(data_cfg: Any, expected_vocab_size: int | None = None,
                             f"(sha256 {want_hash[:12]} vs {str(recorded.get('sha256'))[:12]} in {m.path}); {fix}")
     from udmtrain.data.shards import resolve_shards
 
-    resolve_shards(data_cfg.train_shards, "train")
+    on_corrupt = str(getattr(data_cfg, "on_corrupt", "fail"))
+    verify_shard_set(manifest, data_cfg.train_shards, resolve_shards(data_cfg.train_shards, "train"), "train",
+                     on_corrupt)
     if valid_spec:
-        resolve_shards(valid_spec, "valid")
+        verify_shard_set(checked[-1], valid_spec, resolve_shards(valid_spec, "valid"), "valid", on_corrupt)
     return manifest

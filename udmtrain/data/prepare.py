@@ -1,6 +1,7 @@
 """Text -> tokens -> packed samples -> webdataset shards + ``manifest.json`` (``tools/prepare_data.py``).
 
-Idempotent and resumable: shard ``k`` is written as ``{split}-{k:06d}.tar.tmp`` and renamed when
+Published only when complete (built in ``<out>.partial/``, see :func:`prepare`). Idempotent and
+resumable: shard ``k`` is written as ``{split}-{k:06d}.tar.tmp`` and renamed when
 complete, then its sidecar ``{split}-{k:06d}.json`` (samples, tokens, and the exact source position
 after its last token) is written the same way. A re-run skips every shard that has its sidecar and
 resumes packing at the recorded position (documents before it are read but not tokenized), so an
@@ -9,8 +10,11 @@ interrupted run produces byte-identical shards. A directory built with other set
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from collections import deque
@@ -19,7 +23,7 @@ from multiprocessing import get_context
 from typing import Any
 
 from udmtrain.data.errors import DataError
-from udmtrain.data.manifest import FORMAT_VERSION, write_manifest
+from udmtrain.data.manifest import FORMAT_VERSION, MANIFEST_NAME, write_manifest
 from udmtrain.data.packing import Packer, PackedSample
 from udmtrain.data.shards import encode_sample, shard_name
 from udmtrain.data.sources import SourceSpec, SourceStats, iter_documents
@@ -27,6 +31,7 @@ from udmtrain.data.tokenizers import Tokenizer, load_tokenizer
 from udmtrain.data.webdataset import write_tar
 
 CONFIG_NAME = "prepare_config.json"
+SIDECAR_RE = re.compile(r"^(train|valid)-\d{6}\.(tar|json)(\.tmp)?$")
 _WORKER_TOKENIZER: Tokenizer | None = None
 
 
@@ -194,24 +199,75 @@ def _split_record(done: list[dict[str, Any]], stats: dict[str, Any], new_tokens:
 def prepare(spec: SourceSpec, tokenizer_spec: str, seq_len: int, out: str, packing: str = "wrap",
             samples_per_shard: int = 1024, num_workers: int = 0, splits: tuple[str, ...] = ("train", "valid"),
             overwrite: bool = False, progress: bool = True, command: str | None = None) -> dict[str, Any]:
-    """Build ``out/{split}-*.tar`` + ``out/manifest.json``; returns the manifest record."""
+    """Build ``out/{split}-*.tar`` + ``out/manifest.json``; returns the manifest record.
+
+    The shards are written into ``out.partial/`` beside ``out`` and published into ``out`` only when
+    every split is complete (the manifest last), so ``out`` never holds a partial data set. An
+    interrupted run leaves ``out.partial/``, which the next run resumes; a clean error (e.g. a
+    source with no validation documents) removes it. The source is checked before anything is
+    written, and the (small) validation split is built first so it cannot fail after the train split.
+    """
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be positive, got {samples_per_shard}")
+    if not 0 <= spec.valid_fraction < 1:
+        raise DataError(f"--valid-fraction must be in [0, 1), got {spec.valid_fraction}")
+    if spec.kind == "files":
+        from udmtrain.data.sources import expand_inputs
+
+        expand_inputs(spec.inputs)  # every --input exists and has a supported suffix
     tokenizer = load_tokenizer(tokenizer_spec)
-    os.makedirs(out, exist_ok=True)
     identity = tokenizer.identity()
     source = spec.describe()
     config = {"source": source, "tokenizer_sha256": identity["sha256"], "tokenizer_name": identity["name"],
               "seq_len": seq_len, "packing": packing, "samples_per_shard": samples_per_shard}
-    _check_config(out, config, overwrite)
+    out = os.path.normpath(out)
+    in_place = os.path.isfile(os.path.join(out, CONFIG_NAME)) and not overwrite  # published or legacy partial
+    work = out if in_place else out + ".partial"
+    os.makedirs(work, exist_ok=True)
+    _check_config(work, config, overwrite and not in_place)
     t0 = time.perf_counter()
-    records = {split: prepare_split(spec, split, tokenizer, out, seq_len, packing, samples_per_shard,
-                                    num_workers, progress) for split in splits}
+    try:
+        records = {split: prepare_split(spec, split, tokenizer, work, seq_len, packing, samples_per_shard,
+                                        num_workers, progress) for split in sorted(splits, key=("valid", "train").index)}
+    except DataError:
+        if not in_place:
+            shutil.rmtree(work, ignore_errors=True)  # deterministic failure: a re-run would fail again
+        raise
+    records = {split: records[split] for split in splits}
     seconds = time.perf_counter() - t0
     new_tokens = sum(r.pop("tokens_this_run") for r in records.values())
+    for record in records.values():
+        for shard in record["shards"]:
+            shard.update(_file_identity(os.path.join(work, shard["name"])))
     manifest = {"format_version": FORMAT_VERSION, "command": command, "source": source, "tokenizer": identity,
                 "vocab_size": tokenizer.vocab_size, "seq_len": seq_len, "packing": packing,
                 "samples_per_shard": samples_per_shard, "splits": records,
                 "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens else None}
-    write_manifest(out, manifest)
+    write_manifest(work, manifest)
+    if not in_place:
+        _publish(work, out)
     return manifest
+
+
+def _file_identity(path: str) -> dict[str, Any]:
+    """``{"bytes", "sha256"}`` of a shard file (what the loader checks it against)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _publish(work: str, out: str) -> None:
+    """Move the finished data set from ``work`` into ``out``: one rename when ``out`` does not exist,
+    else old shards and sidecars in ``out`` are replaced file by file and ``manifest.json`` goes last."""
+    if not os.path.exists(out):
+        os.rename(work, out)
+        return
+    for name in os.listdir(out):
+        if SIDECAR_RE.match(name) or name in (CONFIG_NAME, MANIFEST_NAME):
+            os.remove(os.path.join(out, name))
+    names = sorted(os.listdir(work), key=lambda n: n == MANIFEST_NAME)
+    for name in names:
+        os.replace(os.path.join(work, name), os.path.join(out, name))
+    os.rmdir(work)

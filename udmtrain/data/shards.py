@@ -140,8 +140,12 @@ class CorruptSample(Exception):
     """A sample that cannot be decoded or has the wrong shape/dtype."""
 
 
-def decode_sample(raw: dict[str, Any], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, doc_ids)`` int32 ``[seq_len]`` of a raw sample; :class:`CorruptSample` otherwise."""
+def decode_sample(raw: dict[str, Any], seq_len: int, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, doc_ids)`` int32 ``[seq_len]`` of a raw sample; :class:`CorruptSample` otherwise.
+
+    With ``vocab_size`` every input id must lie in ``[0, vocab_size)`` (one min/max per sample), so
+    an out-of-range id is reported with its sample key instead of an ``IndexError`` in the model.
+    """
     arrays = []
     for name in ("input_ids.npy", "doc_ids.npy"):
         if name not in raw:
@@ -154,4 +158,9 @@ def decode_sample(raw: dict[str, Any], seq_len: int) -> tuple[np.ndarray, np.nda
             raise CorruptSample(f"sample {raw.get('__key__')!r}: {name} has shape {arr.shape} dtype {arr.dtype}, "
                                 f"expected int [{seq_len}]")
         arrays.append(arr.astype(np.int32, copy=False))
-    return arrays[0], arrays[1]
+    ids = arrays[0]
+    if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise CorruptSample(f"sample {raw.get('__key__')!r} holds token id {bad} outside the vocabulary "
+                            f"[0, {vocab_size}) of the manifest's tokenizer")
+    return ids, arrays[1]

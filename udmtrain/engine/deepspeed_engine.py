@@ -153,6 +153,26 @@ def remove_stale_build_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[str]
     return removed
 
 
+class RendezvousError(RuntimeError):
+    """The process group cannot start: its rendezvous port is taken."""
+
+
+def check_rendezvous_port(addr: str, port: int) -> None:
+    """Rank 0 hosts the rendezvous store on ``addr:port``: refuse a port another process listens on
+    (a second run on this machine) with a :class:`RendezvousError` instead of a hang or a traceback."""
+    if addr not in ("127.0.0.1", "localhost", "0.0.0.0", socket.gethostname()):
+        return  # the store lives on another host; nothing to probe here
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store does: TIME_WAIT is fine
+        try:
+            probe.bind(("127.0.0.1" if addr == "localhost" else addr, port))
+        except OSError:
+            raise RendezvousError(
+                f"rendezvous port {port} on {addr} is already in use (another run on this machine?); pick a free "
+                f"one with `deepspeed --master_port N ...`, `torchrun --master_port N ...` or MASTER_PORT=N"
+            ) from None
+
+
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
     """Initialise the process group (idempotent) and return ``(rank, world_size, device)``.
 
@@ -174,6 +194,9 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     if not (tdist.is_available() and tdist.is_initialized()):
         remove_stale_build_locks()
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            # (under torchrun the launcher's agent already serves the store on MASTER_PORT)
+            check_rendezvous_port(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         _ds().init_distributed(dist_backend=backend)
     return tdist.get_rank(), tdist.get_world_size(), device_for(local_rank, backend)
 
@@ -266,10 +289,43 @@ def save(engine, directory: str | os.PathLike, client_state: dict[str, Any] | No
                            save_latest=False)
 
 
+def _inert_deepspeed_classes() -> list:
+    """The DeepSpeed classes its checkpoints hold besides tensors and containers: plain records
+    (an enum, a dataclass, the loss scaler's attributes) whose unpickling runs no code."""
+    _ds()
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def check_checkpoint_files(directory: str | os.PathLike) -> None:
+    """Refuse DeepSpeed shards under ``directory/<CHECKPOINT_TAG>/`` that hold foreign code.
+
+    DeepSpeed's own loader (and ``zero_to_fp32``) unpickles its ``*.pt`` files with
+    ``weights_only=False``. Before either touches them, every file is parsed here with
+    ``weights_only=True`` (tensor data memory-mapped, not read) allowing only tensors, plain
+    containers and the inert DeepSpeed records above; anything else raises
+    :class:`udmtrain.utils.io.UnsafeFileError` naming the file, and nothing from it runs.
+    """
+    import glob
+
+    from udmtrain.utils.io import load_tensors
+
+    allow = tuple(_inert_deepspeed_classes())
+    for path in sorted(glob.glob(os.path.join(os.fspath(directory), CHECKPOINT_TAG, "**", "*.pt"), recursive=True)):
+        load_tensors(path, allow=allow, mmap=True)
+
+
 def load(engine, directory: str | os.PathLike) -> dict[str, Any]:
-    """Collective: restore module, optimizer and LR scheduler from ``directory``; returns client state."""
+    """Collective: restore module, optimizer and LR scheduler from ``directory``; returns client state.
+
+    The shards are checked by :func:`check_checkpoint_files` first (DeepSpeed unpickles them).
+    """
     if not os.path.isdir(os.path.join(directory, CHECKPOINT_TAG)):
         raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {directory}")
+    check_checkpoint_files(directory)
     path, client_state = engine.load_checkpoint(os.fspath(directory), tag=CHECKPOINT_TAG)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {directory}")
@@ -304,6 +360,7 @@ def load_fp32_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]
     tag_dir = os.path.join(os.fspath(step_dir), CHECKPOINT_TAG)
     if not os.path.isdir(tag_dir):
         raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) under {step_dir}")
+    check_checkpoint_files(step_dir)  # zero_to_fp32 unpickles them
     if glob.glob(os.path.join(tag_dir, "*_optim_states.pt")):
         _ds()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -314,5 +371,7 @@ def load_fp32_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]
         files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
         if not files:
             raise FileNotFoundError(f"{tag_dir} holds neither ZeRO optimizer shards nor a model-states file")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        from udmtrain.utils.io import load_tensors
+
+        state = load_tensors(files[0], allow=tuple(_inert_deepspeed_classes()))["module"]
     return {k: v.detach().float().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}

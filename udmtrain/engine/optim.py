@@ -50,6 +50,8 @@ class AdamWBuilder:
         """torch's fused AdamW kernel; None = on when the parameters live on CUDA."""
 
     def __init__(self, cfg: Config, device: torch.device | str | None = None) -> None:
+        if not (cfg.lr > 0 and math.isfinite(cfg.lr)):  # torch accepts lr=0 and reports nan obscurely
+            raise ValueError(f"optim.lr must be a positive finite number, got {cfg.lr}")
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else None
 
@@ -160,7 +162,8 @@ class CosineLR(_ClosedFormLR):
         if self.decay_steps <= cfg.warmup_steps:
             raise ValueError(
                 f"lr_schedule 'cosine': decay_steps={self.decay_steps} must exceed "
-                f"warmup_steps={cfg.warmup_steps}; lower optim.lr_schedule.warmup_steps"
+                f"warmup_steps={cfg.warmup_steps}; lower lr_schedule.warmup_steps, or raise lr_schedule.decay_steps "
+                "(default: train.max_steps)"
             )
         super().__init__(optimizer)
 

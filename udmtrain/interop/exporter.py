@@ -47,8 +47,8 @@ def export_reference(path: str | os.PathLike, out: str | os.PathLike, overrides:
 
 def _ema_meta(step_dir: Path) -> dict[str, Any]:
     """``decay`` / ``num_updates`` of the EMA saved in ``rank0_state.pt`` (empty without EMA)."""
-    import torch
+    from udmtrain.train.checkpoint import load_rank_state
 
-    state = torch.load(Path(step_dir) / "rank0_state.pt", map_location="cpu", weights_only=False)
+    state = load_rank_state(step_dir, 0)
     ema = state.get("ema") or {}
     return {k: ema[k] for k in ("decay", "num_updates") if k in ema}

@@ -34,6 +34,7 @@ import udmtrain
 from udmtrain.engine import deepspeed_engine as dse
 from udmtrain.train.state import FORMAT_VERSION, TrainState
 from udmtrain.utils.dist import all_ranks_agree, broadcast_object, get_rank, get_world_size, print0
+from udmtrain.utils.io import load_tensors
 from udmtrain.utils.rng import capture_rng_state, restore_rng_state
 
 _STEP_RE = re.compile(r"^step_(\d{10})$")
@@ -297,13 +298,23 @@ class Checkpointer:
         if release is not None:
             release()
         rank = get_rank()
-        state = torch.load(step_dir / f"rank{rank}_state.pt", map_location="cpu", weights_only=False)
+        state = load_rank_state(step_dir, rank)
         if state.pop("has_ema", False) and rank != 0:
-            state["ema"] = torch.load(step_dir / "rank0_state.pt", map_location="cpu", weights_only=False)["ema"]
+            state["ema"] = load_rank_state(step_dir, 0)["ema"]
         train_state.load_state_dict(state)
         if train_state.rng is not None:
             restore_rng_state(train_state.rng)
         return meta
+
+
+def load_rank_state(step_dir: str | os.PathLike, rank: int) -> dict[str, Any]:
+    """``rank{rank}_state.pt`` of ``step_dir`` loaded with ``weights_only=True`` (tensors and plain
+    containers only; see :func:`udmtrain.utils.io.load_tensors`). A file holding anything else raises
+    :class:`udmtrain.utils.io.UnsafeFileError`; nothing from it is executed."""
+    state = load_tensors(Path(step_dir) / f"rank{rank}_state.pt")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{Path(step_dir) / f'rank{rank}_state.pt'} is not a udmtrain train state")
+    return state
 
 
 def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:

@@ -102,7 +102,9 @@ class Loaded:
 
 def load_ema_shadow(step_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     """The EMA shadow ``{name: fp32 tensor}`` stored in ``rank0_state.pt``, or None without EMA."""
-    state = torch.load(Path(step_dir) / "rank0_state.pt", map_location="cpu", weights_only=False)
+    from udmtrain.train.checkpoint import load_rank_state
+
+    state = load_rank_state(step_dir, 0)
     ema = state.get("ema")
     return None if ema is None else dict(ema["shadow"])
 
@@ -222,6 +224,11 @@ def judge_from_spec(spec: Any, device: str | torch.device = "cpu", use_ema: bool
     (a Hugging Face hub id, a local Hugging Face directory, or a ``Judge`` object)."""
     if is_udmtrain_checkpoint(spec):
         return ARJudge(load_for_inference(spec, use_ema=use_ema, device=device))
+    if isinstance(spec, (str, os.PathLike)) and os.path.exists(spec) and not os.path.isfile(
+            os.path.join(spec, "config.json")):  # a local path is never looked up on the hub
+        raise InferenceError(f"--judge {os.fspath(spec)!r} is neither a udmtrain run/step directory (with "
+                             "checkpoints/latest or meta.json + ds/) nor a Hugging Face model directory (with "
+                             "config.json); give one of those, or a hub id such as gpt2-large")
     from udmtrain.eval.gen_ppl import load_judge
 
     return load_judge(spec, device=device, **judge_kwargs)
@@ -232,7 +239,9 @@ def add_sampler_arguments(parser: Any) -> None:
     """The sampler flags of ``tools/sample.py`` and ``tools/gen_ppl.py`` (each becomes a ``sampler.*``
     override; unset flags keep the recipe's value)."""
     parser.add_argument("--sampler", help="registered sampler name (default: the recipe's sampler)")
-    parser.add_argument("--steps", type=int, help="sampler.num_steps (network evaluations per sample)")
+    from udmtrain.utils.argtypes import positive_int
+
+    parser.add_argument("--steps", type=positive_int, help="sampler.num_steps (network evaluations per sample)")
     parser.add_argument("--temperature", type=float, help="sampler.temperature")
     parser.add_argument("--top-p", type=float, help="sampler.top_p (nucleus mass)")
     parser.add_argument("--temperature-on", choices=["loo", "denoiser", "logits", "auto"],
@@ -318,6 +327,9 @@ def run_cli(main: Any, argv: Sequence[str] | None = None) -> int:
 
     from udmtrain.config import ConfigError, report_and_exit
     from udmtrain.data.errors import DataError
+    from udmtrain.engine.deepspeed_engine import RendezvousError
+    from udmtrain.train.checkpoint import CheckpointError
+    from udmtrain.utils.io import OutputError, UnsafeFileError
 
     try:
         return int(main(argv) or 0)
@@ -325,7 +337,8 @@ def run_cli(main: Any, argv: Sequence[str] | None = None) -> int:
         if os.environ.get("UDMTRAIN_DEBUG") == "1":
             raise
         report_and_exit(err)
-    except (FileNotFoundError, DataError, InferenceError) as err:
+    except (FileNotFoundError, DataError, InferenceError, UnsafeFileError, OutputError, CheckpointError,
+            RendezvousError) as err:
         if os.environ.get("UDMTRAIN_DEBUG") == "1":
             raise
         if int(os.environ.get("RANK", "0") or 0) == 0:

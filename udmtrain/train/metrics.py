@@ -110,6 +110,7 @@ class StepTimer:
 CONSOLE_KEYS = {
     "train/loss": "loss", "train/nll": "nll", "train/grad_norm": "gnorm", "train/lr": "lr",
     "perf/tokens_per_s": "tok/s", "perf/mfu": "mfu", "val/nll": "val_nll", "val/ppl": "val_ppl",
+    "data/corrupt_skipped": "corrupt_skipped",
 }
 """Metrics shown (under these short names) on the console line; every metric still goes to the files."""
 

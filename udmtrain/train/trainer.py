@@ -149,6 +149,9 @@ class Trainer:
             "train/tokens_seen": self.state.tokens_seen,
             "train/skipped_steps": self.state.total_skipped,
         }
+        corrupt = getattr(self.batches, "num_corrupt", 0)
+        if corrupt:  # data.on_corrupt=skip: what this rank's loader skipped so far (console, JSONL, TensorBoard)
+            scalars["data/corrupt_skipped"] = corrupt
         if result.grad_norm is not None:
             scalars["train/grad_norm"] = result.grad_norm
         scalars.update(step_times)

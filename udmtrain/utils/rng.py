@@ -19,10 +19,14 @@ except ImportError:  # pragma: no cover
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """A picklable snapshot ``{"python", "numpy", "torch", "cuda"}`` of this process's RNGs."""
+    """A snapshot ``{"python", "numpy", "torch", "cuda"}`` of this process's RNGs.
+
+    Only tensors, numbers, strings, lists and tuples, so that a checkpoint holding it loads with
+    ``torch.load(weights_only=True)`` (NumPy's key array is stored as a list of ints).
+    """
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state() if np is not None else None,
+        "numpy": _plain_numpy_state(np.random.get_state()) if np is not None else None,
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
     }
@@ -32,7 +36,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of ``capture_rng_state``; a missing entry (e.g. CUDA in a CPU checkpoint) is skipped."""
     random.setstate(_as_python_state(state["python"]))
     if np is not None and state.get("numpy") is not None:
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -42,3 +47,9 @@ def _as_python_state(state: Any) -> tuple:
     # random.setstate needs tuples; a JSON/YAML round trip would have produced lists.
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
+
+
+def _plain_numpy_state(state: tuple) -> list:
+    """``np.random.get_state()`` with the uint32 key array as a list of ints (same values)."""
+    name, keys, pos, has_gauss, cached = state
+    return [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]

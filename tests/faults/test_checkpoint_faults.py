@@ -1,0 +1,153 @@
+"""Checkpoint faults: a pickled payload planted in a checkpoint never runs (docs/security.md).
+
+The payload is an object whose ``__reduce__`` makes any unpickler call ``os.system("touch MARKER")``;
+it is planted in ``rank0_state.pt`` (read by udmtrain) and in DeepSpeed's model-states file (read by
+DeepSpeed's own loader). Every consumer must refuse the file, name it, exit 2, and the marker must
+never appear.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, assert_refused, run, tool
+
+from udmtrain.train import inference as inf
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def step_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def plant(path: Path, marker: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own fixture: trusted
+    state["payload"] = Payload(marker)
+    torch.save(state, path)
+
+
+def in_process(name: str, argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = inf.run_cli(tool(name).main, argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def target_file(run_dir: Path, where: str) -> Path:
+    if where == "rank_state":
+        return step_dir(run_dir) / "rank0_state.pt"
+    return Path(sorted(glob.glob(str(step_dir(run_dir) / "ds" / "*model_states.pt")))[0])
+
+
+CASES = [  # (tool, arguments after the checkpoint, which file it reads)
+    ("inspect_ckpt", [], "rank_state"), ("inspect_ckpt", [], "deepspeed"),
+    ("sample", ["--num-samples", "1", "--steps", "2"], "rank_state"),
+    ("sample", ["--num-samples", "1", "--steps", "2", "--no-ema"], "deepspeed"),
+    ("eval_ppl", ["--max-batches", "1"], "rank_state"),
+    ("eval_ppl", ["--max-batches", "1", "--no-ema"], "deepspeed"),
+    ("export_ckpt", [], "rank_state"), ("export_ckpt", ["--no-ema"], "deepspeed"),
+]
+
+
+@pytest.mark.parametrize("name,args,where", CASES, ids=[f"{c[0]}-{c[2]}{'-raw' if '--no-ema' in c[1] else ''}"
+                                                       for c in CASES])
+def test_planted_payload_is_refused_by_tools(run_copy: Path, tmp_path: Path, capsys, name, args, where) -> None:
+    marker = tmp_path / "MARKER"
+    victim = target_file(run_copy, where)
+    plant(victim, marker)
+    if name == "export_ckpt":
+        argv = [str(run_copy), "--out", str(tmp_path / "export"), *args]
+    elif name == "inspect_ckpt":
+        argv = [str(run_copy), *args]
+    else:
+        argv = ["--ckpt", str(run_copy), *args]
+    code, out = in_process(name, argv, capsys)
+    assert not marker.exists(), "the planted payload ran"
+    assert_refused(code, out, victim.name, "refused")
+    assert not (tmp_path / "export").exists() and not (run_copy / "samples").exists()
+
+
+@pytest.mark.parametrize("where", ["rank_state", "deepspeed"])
+def test_planted_payload_is_refused_on_resume(run_copy: Path, tmp_path: Path, where: str) -> None:
+    marker = tmp_path / "MARKER"
+    victim = target_file(run_copy, where)
+    plant(victim, marker)
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    proc = run(["launch/pretrain.py", "--recipe", str(step_dir(run_copy) / "recipe.yaml"), *TINY,
+                f"run.output_root={run_copy.parent}", "train.max_steps=3", "checkpoint.resume=auto"])
+    assert not marker.exists(), "the planted payload ran"
+    assert_refused(proc.returncode, proc.stdout + proc.stderr, victim.name, "refused")
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before  # nothing new written
+
+
+def test_checkpoint_state_loads_weights_only(trained_run: Path) -> None:
+    """What the Checkpointer writes needs no pickle: plain torch.load(weights_only=True) reads it."""
+    state = torch.load(step_dir(trained_run) / "rank0_state.pt", weights_only=True)
+    assert isinstance(state["rng"]["numpy"][1], list) and state["ema"]["shadow"]
+
+
+def test_old_checkpoint_with_numpy_rng_state_still_loads(run_copy: Path, capsys) -> None:
+    """Written before the RNG state became plain lists: NumPy arrays load safely, restore works."""
+    from udmtrain.train.checkpoint import load_rank_state
+    from udmtrain.utils.rng import restore_rng_state
+
+    path = step_dir(run_copy) / "rank0_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"]["numpy"] = np.random.get_state()  # the old format: a tuple with a uint32 ndarray
+    torch.save(state, path)
+    expected = np.random.random(3)
+    restore_rng_state(load_rank_state(step_dir(run_copy), 0)["rng"])
+    assert np.array_equal(np.random.random(3), expected)
+    code, out = in_process("inspect_ckpt", [str(run_copy)], capsys)
+    assert code == 0, out
+
+
+def test_eval_ppl_refuses_a_shard_outside_the_manifest(trained_run: Path, data_copy: Path, capsys) -> None:
+    import shutil
+
+    shutil.copy(data_copy / "valid-000000.tar", data_copy / "valid-999999.tar")
+    code, out = in_process("eval_ppl", ["--ckpt", str(trained_run), "--data", str(data_copy)], capsys)
+    assert_refused(code, out, "valid-999999.tar", "not listed")
+
+
+def test_kill_9_mid_run_then_resume_is_bit_exact(trained_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """SIGKILL right after the first checkpoint (mid-step or mid-save), then resume: the final weights
+    equal the uninterrupted run's bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, data_overrides, env
+
+    from udmtrain.engine.deepspeed_engine import load_fp32_state_dict
+
+    args = [sys.executable, "launch/pretrain.py", "--recipe", "recipes/quickstart.yaml", "run.name=base",
+            f"run.output_root={tmp_path}", *TINY, *data_overrides(tiny_data), "train.max_steps=2",
+            "engine.zero_stage=1", "checkpoint.every=1"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "base" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before the kill: nothing was tested"
+    resumed = run(args[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = load_fp32_state_dict(step_dir(trained_run)), load_fp32_state_dict(step_dir(tmp_path / "base"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

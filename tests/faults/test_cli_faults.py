@@ -1,0 +1,123 @@
+"""Command-line faults: bad numbers, impossible devices and unwritable outputs are refused before any
+work starts (exit 2, one line naming the flag, no traceback, nothing written)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, assert_refused, data_overrides, run, tool
+
+from udmtrain.train import inference as inf
+
+BAD_VALUES = [  # (tool, argv, flag)
+    ("eval_ppl", ["--ckpt", "X", "--num-t-samples", "0"], "--num-t-samples"),
+    ("eval_ppl", ["--ckpt", "X", "--num-t-samples", "-1"], "--num-t-samples"),
+    ("eval_ppl", ["--ckpt", "X", "--batch-size", "0"], "--batch-size"),
+    ("eval_ppl", ["--ckpt", "X", "--max-batches", "0"], "--max-batches"),
+    ("sample", ["--ckpt", "X", "--batch-size", "0"], "--batch-size"),
+    ("sample", ["--ckpt", "X", "--num-samples", "0"], "--num-samples"),
+    ("sample", ["--ckpt", "X", "--steps", "0"], "--steps"),
+    ("gen_ppl", ["--ckpt", "X", "--num-samples", "0"], "--num-samples"),
+    ("loo_probe", ["--ckpt", "X", "--out-dir", "o", "--steps", "0"], "--steps"),
+    ("loo_probe", ["--ckpt", "X", "--out-dir", "o", "--trials", "0"], "--trials"),
+    ("loo_probe", ["--ckpt", "X", "--out-dir", "o", "--positions", "0"], "--positions"),
+    ("prepare_data", ["--source", "demo", "--tokenizer", "gpt2", "--seq-len", "8", "--out", "o",
+                      "--valid-fraction", "2"], "--valid-fraction"),
+    ("prepare_data", ["--source", "demo", "--tokenizer", "gpt2", "--seq-len", "8", "--out", "o",
+                      "--valid-fraction", "1"], "--valid-fraction"),
+    ("prepare_data", ["--source", "demo", "--tokenizer", "gpt2", "--seq-len", "0", "--out", "o"], "--seq-len"),
+    ("train_tokenizer", ["--source", "demo", "--vocab-size", "0", "--out", "t.model"], "--vocab-size"),
+    ("bench", ["data", "--shards", "X", "--num-batches", "0"], "--num-batches"),
+    ("bench", ["data", "--shards", "X", "--batch-size", "0"], "--batch-size"),
+]
+
+
+def call(name: str, argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = inf.run_cli(tool(name).main, argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("name,argv,flag", BAD_VALUES, ids=[f"{n}{' '.join(a[-2:])}" for n, a, _ in BAD_VALUES])
+def test_bad_values_are_refused_by_argparse(name: str, argv: list[str], flag: str, tmp_path: Path, capsys,
+                                            monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = call(name, argv, capsys)
+    assert_refused(code, out, "error: argument", flag)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+@pytest.mark.parametrize("name", ["eval_ppl", "sample", "gen_ppl", "loo_probe"])
+def test_cuda_without_cuda(name: str, capsys) -> None:
+    code, out = call(name, ["--ckpt", "X", "--out-dir", "o", "--device", "cuda"] if name == "loo_probe"
+                     else ["--ckpt", "X", "--device", "cuda"], capsys)
+    assert_refused(code, out, "--device", "CUDA is not available")
+
+
+UNWRITABLE = [  # (tool, argv with OUT for the output location, flag)
+    ("eval_ppl", ["--ckpt", "X", "--out", "OUT"], "--out"),
+    ("sample", ["--ckpt", "X", "--out", "OUT"], "--out"),
+    ("gen_ppl", ["--ckpt", "X", "--out", "OUT"], "--out"),
+    ("loo_probe", ["--ckpt", "X", "--out-dir", "OUT"], "--out-dir"),
+    ("export_ckpt", ["X", "--out", "OUT"], "--out"),
+    ("prepare_data", ["--source", "demo", "--tokenizer", "gpt2", "--seq-len", "8", "--out", "OUT"], "--out"),
+    ("train_tokenizer", ["--source", "demo", "--vocab-size", "400", "--out", "OUT"], "--out"),
+    ("bench", ["train", "--recipe", "recipes/quickstart.yaml", "--out", "OUT"], "--out"),
+]
+
+
+@pytest.mark.parametrize("name,argv,flag", UNWRITABLE, ids=[u[0] for u in UNWRITABLE])
+def test_unwritable_output_is_refused_before_the_work(name: str, argv: list[str], flag: str, tmp_path: Path,
+                                                      capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out_path = str(blocker / "sub" / "result")
+    code, out = call(name, [out_path if a == "OUT" else a for a in argv], capsys)
+    assert_refused(code, out, flag, str(blocker))
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_unwritable_run_directory(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    from test_recipe_faults import pretrain_main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code, out = pretrain_main(["--recipe", "recipes/quickstart.yaml", "run.name=x", f"run.output_root={blocker}",
+                               *TINY, *data_overrides(tiny_data), "train.max_steps=1"], capsys)
+    assert_refused(code, out, "run.output_root", str(blocker))
+
+
+def test_judge_directory_that_is_neither_run_nor_hf_model(trained_run: Path, tmp_path: Path, capsys) -> None:
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    code, out = call("gen_ppl", ["--ckpt", str(trained_run), "--num-samples", "1", "--steps", "2",
+                                 "--judge", str(judge)], capsys)
+    assert_refused(code, out, "--judge", str(judge), "config.json")
+
+
+def test_loo_probe_positions_beyond_the_sequence(trained_run: Path, tmp_path: Path, capsys) -> None:
+    code, out = call("loo_probe", ["--ckpt", str(trained_run), "--out-dir", str(tmp_path / "p"),
+                                   "--positions", "1000"], capsys)
+    assert_refused(code, out, "--positions", "1000")
+
+
+def test_rendezvous_port_collision(tiny_data: Path, tmp_path: Path) -> None:
+    """A second run on a busy MASTER_PORT: one line naming the port and the option that changes it."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run(["launch/pretrain.py", "--recipe", "recipes/quickstart.yaml", "run.name=x",
+                    f"run.output_root={tmp_path}", *TINY, *data_overrides(tiny_data), "train.max_steps=1"],
+                   timeout=180, extra_env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert_refused(proc.returncode, proc.stdout + proc.stderr, str(port), "--master_port", "MASTER_PORT")
