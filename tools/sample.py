@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.io import atomic_open  # noqa: E402
+from udmtrain.utils.progress import counting  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +50,13 @@ def default_device(device: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     overrides = inf.sampler_overrides(args, inf.split_overrides(unknown))
+    inf.require_diffusion_run(args.ckpt, "tools/sample.py")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema,
                                     device=default_device(args.device))
-    drawn = inf.draw_samples(loaded, args.num_samples, args.batch_size or args.num_samples, args.seed,
-                             prefix_text=args.prefix)
+    batch_size = args.batch_size or args.num_samples
+    with inf.sampling_progress(loaded, args.num_samples, batch_size) as bar:
+        drawn = inf.draw_samples(loaded, args.num_samples, batch_size, args.seed, prefix_text=args.prefix,
+                                 network=counting(loaded.network(), bar.update))
     settings = inf.sampler_settings(loaded)
     # Never inside the checkpoint directory: checkpoints are immutable and keep_last prunes them.
     step_dir = os.path.normpath(str(loaded.step_dir))

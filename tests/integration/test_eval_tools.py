@@ -88,7 +88,8 @@ def test_eval_ppl_diffusion_counts_every_valid_token(runs, data, tmp_path):
     assert math.isfinite(res["nll"]) and res["nll"] > 0 and math.isfinite(res["nll_stderr"])
     assert res["num_tokens"] == valid["num_tokens"] and res["num_sequences"] == valid["num_samples"]
     assert res["ppl"] == pytest.approx(math.exp(res["nll"])) and res["bpd"] == pytest.approx(res["nll"] / math.log(2))
-    assert (res["method"], res["num_t_samples"], res["seed"], res["ema"], res["step"]) == ("mc", 2, 3, True, 4)
+    assert (res["method"], res["num_t_samples"], res["seed"], report["ema"], report["step"]) == ("mc", 2, 3, True, 4)
+    assert not {"checkpoint", "step", "ema"} & set(res)  # the checkpoint fields appear once, at the top
     assert res["eps"] == pytest.approx(1e-3) and report["checkpoint"].endswith("step_0000000004")
 
 

@@ -127,7 +127,8 @@ def build_trainer(cfg: Any) -> Run:
         batches=batches, step_fn=step_fn, metrics=metrics, should_eval=evaluator.should_eval,
         evaluate=evaluator, should_save=checkpointer.should_save, save=save, weights_finite=weights_finite,
         stop_requested=signals.should_exit, timer=timer, throughput=throughput,
-        lr_fn=lambda: engine.get_lr()[0], grad_norm_fn=lambda: step_fn.last_grad_norm)
+        lr_fn=lambda: engine.get_lr()[0], grad_norm_fn=lambda: step_fn.last_grad_norm,
+        exact_nll=not components.is_diffusion)
 
     def close() -> None:
         signals.__exit__(None, None, None)

@@ -57,6 +57,7 @@ class Trainer:
         throughput: Callable[[float, int], dict],
         lr_fn: Callable[[], float],
         grad_norm_fn: Callable[[], float | None],
+        exact_nll: bool = False,
     ) -> None:
         self.state = state
         self.max_steps = max_steps
@@ -69,11 +70,14 @@ class Trainer:
         self.stop_requested = stop_requested
         self.timer, self.throughput = timer, throughput
         self.lr_fn, self.grad_norm_fn = lr_fn, grad_norm_fn
+        # exp(train/nll) is a perplexity bound for diffusion, the exact perplexity for the AR model.
+        self.ppl_key = "train/ppl" if exact_nll else "train/ppl_bound"
 
     def train(self) -> str:
         """Train to ``max_steps``; returns why it stopped: 'done', 'signal' or 'nonfinite'."""
         state = self.state
         reason = "done"
+        window = [0.0, 0, 0]  # seconds, tokens, steps since the last logged step: perf/* are window means
         while state.step < self.max_steps:
             t0 = time.perf_counter()
             result = self.step_fn(self.batches, state.step)
@@ -86,10 +90,12 @@ class Trainer:
                        f"({state.num_nonfinite} in a row, {state.total_skipped} in total)")
             else:
                 state.num_nonfinite = 0
-            step_times = self.timer.split()
-            step_times.update(self.throughput(time.perf_counter() - t0, result.num_tokens))
+            window = [window[0] + time.perf_counter() - t0, window[1] + result.num_tokens, window[2] + 1]
             if self.metrics.should_log(state.step) or state.step == self.max_steps:
+                step_times = self.timer.split(steps=window[2])
+                step_times.update(self.throughput(window[0] / window[2], window[1] / window[2]))
                 self._log(result, step_times)
+                window = [0.0, 0, 0]
             if state.num_nonfinite >= self.max_nonfinite_steps:
                 reason = "nonfinite"
                 print0(f"stopping: {state.num_nonfinite} consecutive non-finite losses "
@@ -118,7 +124,7 @@ class Trainer:
         scalars = {
             "train/loss": result.loss,
             "train/nll": result.nelbo,
-            "train/ppl_bound": math.exp(min(result.nelbo, 50.0)),
+            self.ppl_key: math.exp(min(result.nelbo, 50.0)),
             "train/lr": self.lr_fn(),
             "train/tokens_seen": self.state.tokens_seen,
             "train/skipped_steps": self.state.total_skipped,
