@@ -28,13 +28,15 @@ from udmtrain.utils.progress import counting  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
+    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, a step_XXXXXXXXXX dir, or an export "
+                                                 "of tools/export_ckpt.py")
     p.add_argument("--num-samples", type=int, default=8)
     inf.add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="samples per sampler call (default: all)")
     p.add_argument("--prefix", default=None, help="text every sample starts with (clamped, BOS prepended)")
-    p.add_argument("--out", default=None, help="JSONL output (default: <run dir>/samples/<step>-seed<K>.jsonl)")
+    p.add_argument("--out", default=None, help="JSONL output (default: <run dir>/samples/<step dir>-seed<K>.jsonl; "
+                                               "for an export DIR: <DIR's parent>/samples/<DIR name>-seed<K>.jsonl)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="do not print the samples")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = inf.sampler_settings(loaded)
     # Never inside the checkpoint directory: checkpoints are immutable and keep_last prunes them.
     step_dir = os.path.normpath(str(loaded.step_dir))
-    run_dir = os.path.dirname(os.path.dirname(step_dir))
+    # an export (tools/export_ckpt.py) keeps its directory clean too: exports/samples/<name>-seed<K>.jsonl
+    run_dir = os.path.dirname(step_dir) if inf.is_export(step_dir) else os.path.dirname(os.path.dirname(step_dir))
     out = args.out or os.path.join(run_dir, "samples", f"{os.path.basename(step_dir)}-seed{args.seed}.jsonl")
     protocol = loaded.protocol()
     with atomic_open(out) as f:

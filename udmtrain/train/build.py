@@ -56,7 +56,9 @@ def build_trainer(cfg: Any) -> Run:
     from udmtrain.train.checkpoint import Checkpointer
     from udmtrain.train.metrics import MetricLogger, StepTimer, measure_peak_flops
     from udmtrain.train.signals import GracefulExit
+    from udmtrain.config.loader import dump_yaml
     from udmtrain.train.state import TrainState
+    from udmtrain.train.text_samples import build_text_samples, flat_hparams
     from udmtrain.train.trainer import Trainer
 
     rank, world, device = dse.init_distributed()
@@ -103,7 +105,9 @@ def build_trainer(cfg: Any) -> Run:
     step_fn = TrainStep(engine=engine, objective=components.objective, components=components, cfg=cfg,
                         rank=rank, world_size=world, device=device, timer=timer, optimizer=created[0], ema=ema)
     evaluator = Evaluator(cfg=cfg, components=components, engine=engine, ema=ema, rank=rank,
-                          world_size=world, device=device)
+                          world_size=world, device=device,
+                          text_samples=build_text_samples(cfg, components, metrics.log_text, rank, device))
+    metrics.log_run_start(dump_yaml(recipe_dict), flat_hparams(recipe_dict), state.step)
     peak = measure_peak_flops(device, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32)
 
     def throughput(seconds: float, tokens: int) -> dict:

@@ -100,7 +100,7 @@ class StepTimer:
         """``{"time/<section>": seconds, "time/step": total}`` accumulated since the last reset, divided
         by ``steps`` (the steps since the last reset: per-step means over a logging window)."""
         out = {f"time/{k}": v / max(1, steps) for k, v in self.totals.items()}
-        out["time/step"] = sum(self.totals.values())
+        out["time/step"] = sum(out.values())
         if reset:
             self.totals = {}
         return out
