@@ -96,10 +96,12 @@ def score(loaded: inf.Loaded, judge, args, references) -> dict:
 def sweep_context(loaded: inf.Loaded, judge, args) -> dict:
     """Everything besides the swept values that changes a sweep row (its resume key, hashed)."""
     swept = {"num_steps", "temperature", "top_p"}
-    return {"checkpoint": str(loaded.step_dir), "step": loaded.step, "ema": loaded.use_ema,
+    judge_name = str(judge.identity().get("name_or_path", args.judge))
+    judge_name = os.path.abspath(judge_name) if os.path.exists(judge_name) else judge_name  # a path or a hub id
+    return {"checkpoint": os.path.abspath(loaded.step_dir), "step": loaded.step, "ema": loaded.use_ema,
             "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size or args.num_samples,
             "sampler": {k: v for k, v in inf.sampler_settings(loaded).items() if k not in swept},
-            "judge": judge.identity().get("name_or_path", args.judge), "judge_dtype": args.judge_dtype,
+            "judge": judge_name, "judge_dtype": args.judge_dtype,
             "prefix_eos": args.prefix_eos, "mauve_references": args.mauve_references}
 
 

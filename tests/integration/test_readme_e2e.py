@@ -95,7 +95,10 @@ def test_readme_after_quickstart_in_a_fresh_shell(tmp_path):
     setup, *after = readme_blocks((repo / "README.md").read_text(encoding="utf-8"))
 
     first = shell(setup, repo, {**bare_env(home), "QUICKSTART_STEPS": str(SMOKE_STEPS)}, timeout=900)
-    assert "source .venv/bin/activate" in first.stdout  # the quickstart says how to reach its environment
+    system_python_has_all = subprocess.run(["bash", "-c", "python3 -c 'import torch, deepspeed' && command -v deepspeed"],
+                                           env=bare_env(home), capture_output=True).returncode == 0
+    if not system_python_has_all:  # the quickstart used .venv: it must say how to reach it
+        assert "source .venv/bin/activate" in first.stdout
     assert "=== done in" in first.stdout and "smoke test" in first.stdout
     for run in ("quickstart-audm", "quickstart-ar", "quickstart-udlm"):
         meta = json.loads((repo / "runs" / run / "checkpoints" / f"step_{SMOKE_STEPS:010d}" / "meta.json").read_text())
@@ -110,7 +113,7 @@ def test_readme_after_quickstart_in_a_fresh_shell(tmp_path):
     with open(out / "quickstart-udlm" / "frontier" / "frontier.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4  # temperature x steps
     assert sorted(p.name.split("_")[0] for p in (out / "quickstart-udlm" / "frontier" / "reports").iterdir()) == \
-        ["steps16", "steps16", "steps32", "steps32"]
+        ["steps16", "steps16", "steps8", "steps8"]
     probe = json.loads((out / "quickstart-udlm" / "probe" / "probe.json").read_text())
     assert len(probe["curve"]) >= 8
     assert (repo / "exports" / "quickstart-audm" / "model.pt").is_file()

@@ -76,7 +76,7 @@ class Progress:
             self._bar.update(n)
             return
         now = time.perf_counter()
-        if now - self._last >= self.interval:
+        if now - self._last >= self.interval and not (self.total and self.count >= self.total):  # close() says it
             self._last = now
             print(self.line(now), file=self.stream, flush=True)
 
