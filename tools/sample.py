@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
+from udmtrain.train.exports import is_export  # noqa: E402
 from udmtrain.utils.io import atomic_open  # noqa: E402
 from udmtrain.utils.progress import counting  # noqa: E402
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     # Never inside the checkpoint directory: checkpoints are immutable and keep_last prunes them.
     step_dir = os.path.normpath(str(loaded.step_dir))
     # an export (tools/export_ckpt.py) keeps its directory clean too: exports/samples/<name>-seed<K>.jsonl
-    run_dir = os.path.dirname(step_dir) if inf.is_export(step_dir) else os.path.dirname(os.path.dirname(step_dir))
+    run_dir = os.path.dirname(step_dir) if is_export(step_dir) else os.path.dirname(os.path.dirname(step_dir))
     out = args.out or os.path.join(run_dir, "samples", f"{os.path.basename(step_dir)}-seed{args.seed}.jsonl")
     protocol = loaded.protocol()
     with atomic_open(out) as f:

@@ -188,10 +188,11 @@ def test_bad_path_exits_2_without_traceback(name: str, tmp_path: Path) -> None:
 
 def test_export_into_new_directories_loads_like_its_checkpoint(run_dir: Path, tmp_path: Path, loaded_ema) -> None:
     from udmtrain.train import inference as inf
+    from udmtrain.train.exports import is_export
 
     out = tmp_path / "exports" / "nested" / "audm"  # neither exports/ nor nested/ exists yet
     ok(tool("export_ckpt.py", run_dir, "--out", out))
-    assert inf.resolve_checkpoint(out) == out and inf.is_export(out) and not inf.is_export(run_dir)
+    assert inf.resolve_checkpoint(out) == out and is_export(out) and not is_export(run_dir)
     loaded = inf.load_for_inference(out)
     assert (loaded.step, loaded.use_ema, loaded.vocab_size) == (STEP, True, loaded_ema.vocab_size)
     th.assert_same_tensors(loaded.model.state_dict(), loaded_ema.model.state_dict(), "export vs checkpoint")
