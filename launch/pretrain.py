@@ -6,9 +6,18 @@
     torchrun --nproc_per_node 2 launch/pretrain.py --recipe recipes/quickstart.yaml
     python launch/pretrain.py --recipe recipes/quickstart.yaml optim.lr=1e-3 run.name=lr1e-3
 
-Overrides are ``section.key=value`` (YAML scalars: ``1e-4`` is a float). A bad recipe is reported in
-full on rank 0 with exit code 2 before any process group starts. ``checkpoint.resume: auto``
-continues the latest complete checkpoint of ``runs/<run.name>``.
+Options:
+  --recipe PATH      the YAML recipe (required); recipes/ holds the paper's and the quickstart's
+  --dry-run          validate, print the resolved recipe, derived values and the parameter count; exit
+  section.key=value  any number of overrides, applied in order (YAML scalars: ``1e-4`` is a float)
+  -h, --help         this text
+
+Every recipe key is documented in docs/recipes.md. A bad recipe is reported in full on rank 0 with
+exit code 2 before any process group starts. ``checkpoint.resume: auto`` (the default) continues the
+latest complete checkpoint of ``runs/<run.name>``; a run already at ``train.max_steps`` says so and
+exits (raise ``train.max_steps`` to continue it). A run writes ``runs/<run.name>/`` with
+``checkpoints/``, ``metrics.jsonl`` and ``tensorboard/`` (``tensorboard --logdir runs``).
+Exit codes: 0 done, 2 bad recipe or data, 3 stopped on non-finite losses.
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ from udmtrain.config.cli import describe, parse_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         recipe, overrides, dry_run = parse_cli(argv)
@@ -66,6 +78,10 @@ def main(argv: list[str]) -> int:
 
         teardown()
         return 2
+    if run.trainer.state.step >= run.trainer.max_steps and int(os.environ.get("RANK", "0")) == 0:
+        print(f"udmtrain: {run.run_dir} is already at train.max_steps {run.trainer.max_steps} (step "
+              f"{run.trainer.state.step}); nothing to do. Raise train.max_steps to continue it, e.g. "
+              f"train.max_steps={2 * run.trainer.max_steps}, or set run.name for a new run", file=sys.stderr)
     try:
         reason = run.trainer.train()
     except DataError as err:  # a shard that turned out corrupt mid-run: one line, not a worker traceback
@@ -101,6 +117,8 @@ def _prepare_command(cfg) -> str:
     out = pattern if os.path.isdir(pattern) or not pattern.endswith(".tar") else (os.path.dirname(pattern) or ".")
     tok_cfg = cfg.tokenizer.cfg
     tokenizer = getattr(tok_cfg, "path", None) or cfg.tokenizer.name
+    if cfg.tokenizer.name == "hf":  # the CLI spelling of a Hugging Face tokenizer
+        tokenizer = f"hf:{tokenizer}"
     name = os.path.basename(os.path.normpath(out)).lower()
     sources = {"owt": "--source hf --hf-name openwebtext", "openwebtext": "--source hf --hf-name openwebtext",
                "demo": "--source demo"}

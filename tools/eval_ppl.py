@@ -13,7 +13,8 @@ checkpoint's tokenizer (sha256), vocabulary size and ``seq_len``; default: the r
 depend on the number of ranks beyond the random t / noise draws (per-rank streams from ``--seed``).
 Output: ``{"checkpoint", "step", "ema", ..., "results": [{"data", "nll", "nll_stderr", "ppl", "bpd",
 "num_tokens", "num_sequences", "method", "num_t_samples", "eps", "seed", ...}, ...]}`` on stdout (rank 0)
-and in ``--out``.
+and in ``--out``: the checkpoint fields once at the top, one result per validation set. ``nll`` is nats
+per token (an upper bound for diffusion, exact for AR), ``ppl = exp(nll)``, ``bpd = nll / ln 2``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
 from udmtrain.utils.io import check_writable, write_text_atomic  # noqa: E402
+from udmtrain.utils.io import write_text_atomic  # noqa: E402
+from udmtrain.utils.progress import progress  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,21 +96,24 @@ def evaluate(loaded: inf.Loaded, spec: str, args, rank: int, world: int) -> dict
     data_cfg = dataclasses.replace(cfg.data, valid_shards=spec)
     batch_size = args.batch_size or cfg.engine.micro_batch_size
     loader = build_valid_loader(data_cfg, batch_size, rank, world)
+    total = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
+    bar = progress(total, f"eval {spec}", unit="batch")  # rank 0 only
     batches = ({k: (v.to(loaded.device) if hasattr(v, "to") else v) for k, v in b.items()}
-               for b in itertools.islice(loader, args.max_batches))
+               for b in bar.wrap(itertools.islice(loader, args.max_batches)))
     reduce = torch_all_reduce_sum if world > 1 else None
     protocol = {"data": spec, "manifest": check_data(spec, loaded), "batch_size_per_rank": batch_size,
                 "max_batches": args.max_batches, "world_size": world,
-                "document_attention": bool(doc_batch_kwargs(cfg)), **loaded.protocol()}
+                "document_attention": bool(doc_batch_kwargs(cfg))}  # checkpoint fields: once, at the top
     network = loaded.network()
-    if loaded.components.is_diffusion:
-        K = args.num_t_samples or cfg.eval.num_t_samples
-        eps = float(cfg.train.t_min)
-        return estimate_nelbo(nelbo_fn(loaded.components, network), batches, num_t_samples=K, seed=args.seed,
-                              batch_kwargs=doc_batch_kwargs(loaded.cfg),
-                              eps=eps, method=args.method, all_reduce_sum=reduce, rank=rank, protocol=protocol)
-    return exact_ar_nll(ar_nll_fn(loaded.components, network), batches, all_reduce_sum=reduce, protocol=protocol,
-                        batch_kwargs=doc_batch_kwargs(loaded.cfg))
+    with bar:
+        if loaded.components.is_diffusion:
+            K = args.num_t_samples or cfg.eval.num_t_samples
+            eps = float(cfg.train.t_min)
+            return estimate_nelbo(nelbo_fn(loaded.components, network), batches, num_t_samples=K, seed=args.seed,
+                                  batch_kwargs=doc_batch_kwargs(loaded.cfg), eps=eps, method=args.method,
+                                  all_reduce_sum=reduce, rank=rank, protocol=protocol)
+        return exact_ar_nll(ar_nll_fn(loaded.components, network), batches, all_reduce_sum=reduce,
+                            protocol=protocol, batch_kwargs=doc_batch_kwargs(loaded.cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

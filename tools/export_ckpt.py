@@ -37,6 +37,10 @@ Loading an export back (plain PyTorch + udmtrain, no engine, no checkpoint)::
     model.eval()                                     # a bf16 export: model.to(torch.bfloat16) first, or keep fp32
 
 ``udmtrain.data.tokenizers.load_tokenizer(cfg.tokenizer)`` gives the tokenizer (DIR/tokenizer.model).
+
+The tools load an export like a checkpoint: ``python tools/sample.py --ckpt exports/audm``, and
+``tools/gen_ppl.py`` / ``tools/eval_ppl.py`` / ``--judge`` the same way (its recipe and weights; an
+export holds one set of weights, so ``--no-ema`` needs an export made with ``--no-ema``).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ TOKENIZER_FILE = "tokenizer.model"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_OR_STEP_DIR", help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
-    p.add_argument("--out", required=True, help="export directory (created; must not exist unless --force)")
+    p.add_argument("--out", required=True, help="export directory (created with its parents; must not exist "
+                                                "unless --force)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the floating tensors")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
@@ -97,8 +102,7 @@ def _check_out(out: Path, force: bool) -> None:
                                  "directory")
     if out.exists() and not out.is_dir():
         raise inf.InferenceError(f"--out {out} exists and is not a directory; remove it or choose another path")
-    if not out.parent.is_dir():
-        raise inf.InferenceError(f"--out {out}: its parent directory {out.parent} does not exist")
+    out.parent.mkdir(parents=True, exist_ok=True)  # --out exports/x on a fresh clone: create exports/
 
 
 def write_export(loaded: inf.Loaded, tmp: Path, final: Path, dtype: str) -> dict[str, Any]:

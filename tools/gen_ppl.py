@@ -8,10 +8,18 @@
         --sweep temperature=0.8,0.9,1.0 top_p=0.9,1.0 steps=16,64 --out-dir frontier/
 
 ``--judge``: a udmtrain AR run or step directory (offline: the AR run's tokenizer, BOS prepended), a
-local Hugging Face directory, or a hub id (default gpt2-large). Sampler options as in tools/sample.py
-(flags or ``sampler.*`` overrides). ``--sweep`` writes ``frontier.csv`` (one row per setting, resumable:
-a rerun skips settings already in the CSV), ``frontier.png`` (gen PPL vs entropy per step count) and
-every setting's full report under ``reports/``.
+local Hugging Face directory, or a hub id (default gpt2-large, needs network; offline the tool stops
+at once and names the judge to pass, e.g. ``--judge runs/quickstart-ar``). Sampler options as in
+tools/sample.py (flags or ``sampler.*`` overrides). ``--sweep`` writes ``frontier.csv`` (one row per
+setting), ``frontier.png`` (gen PPL vs entropy per step count) and every setting's full report under
+``reports/`` (``steps16_T0.9_p1_<context_id>.json``). A rerun reuses the rows computed with the same
+settings and recomputes the others: the key is the swept values plus ``context_id``, a hash of
+everything else that changes a result (``--num-samples``, ``--seed``, ``--batch-size``, the other
+sampler options, checkpoint, EMA, judge, ``--prefix-eos``, MAUVE references); it says what it reused.
+
+Report fields: ``gen_ppl`` = exp(mean judge NLL per counted token), ``entropy`` = mean per-sample
+unigram entropy (nats), ``num_truncated`` = samples longer than the judge's context (cut to it), the
+protocol (retokenization, first-EOS token accounting), the sampler settings and seeds.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
 from udmtrain.utils.io import check_writable, write_text_atomic  # noqa: E402
+from udmtrain.utils.io import write_text_atomic  # noqa: E402
+from udmtrain.utils.progress import counting, progress  # noqa: E402
 
 SWEEP_KEYS = {"temperature": float, "top_p": float, "steps": int}
 
@@ -72,19 +82,42 @@ def score(loaded: inf.Loaded, judge, args, references) -> dict:
     """Draw ``--num-samples`` samples and return their gen_ppl_report."""
     from udmtrain.eval.gen_ppl import gen_ppl_report
 
-    drawn = inf.draw_samples(loaded, args.num_samples, args.batch_size or args.num_samples, args.seed)
-    return gen_ppl_report(
-        drawn["tokens"], lambda ids: [loaded.tokenizer.decode(x) for x in ids], judge,
-        batch_size=args.judge_batch_size, prefix_eos=args.prefix_eos, sampler_settings=inf.sampler_settings(loaded),
-        seeds={"base_seed": args.seed, "batch_seeds": drawn["seeds"]}, mauve_references=references,
-        protocol={"model": loaded.protocol(), "nfe_per_batch": drawn["nfe"], "batch_sizes": drawn["batch_sizes"]})
+    batch_size = args.batch_size or args.num_samples
+    with inf.sampling_progress(loaded, args.num_samples, batch_size) as bar:
+        drawn = inf.draw_samples(loaded, args.num_samples, batch_size, args.seed,
+                                 network=counting(loaded.network(), bar.update))
+    with progress(args.num_samples, "judging", unit="sample") as bar:
+        return gen_ppl_report(
+            drawn["tokens"], lambda ids: [loaded.tokenizer.decode(x) for x in ids], judge,
+            batch_size=args.judge_batch_size, prefix_eos=args.prefix_eos,
+            sampler_settings=inf.sampler_settings(loaded), seeds={"base_seed": args.seed, "batch_seeds": drawn["seeds"]},
+            mauve_references=references, on_progress=bar.update,
+            protocol={"model": loaded.protocol(), "nfe_per_batch": drawn["nfe"], "batch_sizes": drawn["batch_sizes"]})
+
+
+def sweep_context(loaded: inf.Loaded, judge, args) -> dict:
+    """Everything besides the swept values that changes a sweep row (its resume key, hashed)."""
+    swept = {"num_steps", "temperature", "top_p"}
+    judge_name = str(judge.identity().get("name_or_path", args.judge))
+    judge_name = os.path.abspath(judge_name) if os.path.exists(judge_name) else judge_name  # a path or a hub id
+    return {"checkpoint": os.path.abspath(loaded.step_dir), "step": loaded.step, "ema": loaded.use_ema,
+            "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size or args.num_samples,
+            "sampler": {k: v for k, v in inf.sampler_settings(loaded).items() if k not in swept},
+            "judge": judge_name, "judge_dtype": args.judge_dtype,
+            "prefix_eos": args.prefix_eos, "mauve_references": args.mauve_references}
+
+
+def report_name(setting: dict, cid: str) -> str:
+    """``steps16_T0.9_p1_<context_id>.json``: numbers as written by a person, not ``16.0``."""
+    return f"steps{int(setting['steps'])}_T{float(setting['temperature']):g}_p{float(setting['top_p']):g}_{cid}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from udmtrain.eval.frontier import run_sweep, setting_key
+    from udmtrain.eval.frontier import context_id, run_sweep
 
     args, unknown = build_parser().parse_known_args(argv)
     overrides = inf.sampler_overrides(args, inf.split_overrides(unknown))
+    inf.require_diffusion_run(args.ckpt, "tools/gen_ppl.py")
     if args.sweep and not args.out_dir:
         raise inf.InferenceError("--sweep needs --out-dir (where frontier.csv and frontier.png go)")
     if args.out:
@@ -109,15 +142,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['num_samples']} samples", file=sys.stderr)
         return 0
     os.makedirs(os.path.join(args.out_dir, "reports"), exist_ok=True)
+    context = sweep_context(loaded, judge, args)
 
     def generate_and_score(setting: dict) -> dict:
         here = inf.with_sampler(loaded, overrides + [f"sampler.num_steps={setting['steps']}",
                                                      f"sampler.temperature={setting['temperature']}",
                                                      f"sampler.top_p={setting['top_p']}"])
         report = score(here, judge, args, references)
-        name = "_".join(f"{k}{v}" for k, v in zip(("steps", "T", "p"), setting_key(setting)))
-        with open(os.path.join(args.out_dir, "reports", f"{name}.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        write_text_atomic(os.path.join(args.out_dir, "reports", report_name(setting, context_id(context))),
+                          json.dumps(report, indent=2) + "\n")
         print(f"udmtrain: {setting} -> gen_ppl {report['gen_ppl']:.2f} entropy {report['entropy']:.3f}",
               file=sys.stderr)
         return {"gen_ppl": report["gen_ppl"], "gen_nll": report["gen_nll"], "entropy": report["entropy"],
@@ -125,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                 "nfe": max(report["nfe_per_batch"]), "sampler": here.cfg.sampler.name, "seed": args.seed,
                 "judge": report["judge"]["name_or_path"], "mauve": report["mauve"].get("mauve", "")}
 
-    rows = run_sweep(settings, generate_and_score, os.path.join(args.out_dir, "frontier.csv"),
-                     plot_path=os.path.join(args.out_dir, "frontier.png"))
+    with progress(len(settings), "sweep", unit="setting") as bar:
+        rows = run_sweep(settings, generate_and_score, os.path.join(args.out_dir, "frontier.csv"),
+                         plot_path=os.path.join(args.out_dir, "frontier.png"), context=context,
+                         on_progress=bar.update)
     print(json.dumps({"csv": os.path.join(args.out_dir, "frontier.csv"), "rows": rows}, indent=2))
     return 0
 

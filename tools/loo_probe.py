@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
 from udmtrain.utils.io import check_writable  # noqa: E402
+from udmtrain.utils.progress import counting, progress  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         raise inf.InferenceError(f"the LOO probe needs a model with a leave-one-out posterior (the uniform "
                                  f"process or another declaring 'loo_posterior'); {loaded.step_dir} uses process {name!r}")
     recorder = RecordingNetwork(loaded.network())
-    drawn = inf.draw_samples(loaded, args.num_samples, args.num_samples, args.seed, network=recorder)
-    result = loo_sensitivity_probe(loo_fn_for(loaded), recorder.states, vocab_size=loaded.vocab_size,
-                                   num_positions=args.positions, num_trials=args.trials, seed=args.seed)
+    with inf.sampling_progress(loaded, args.num_samples, args.num_samples, "sampling the probed trajectory") as bar:
+        drawn = inf.draw_samples(loaded, args.num_samples, args.num_samples, args.seed,
+                                 network=counting(recorder, bar.update))
+    with progress(len(recorder.states), f"probing ({1 + args.trials} network calls per state)", unit="state") as bar:
+        result = loo_sensitivity_probe(loo_fn_for(loaded), bar.wrap(recorder.states), vocab_size=loaded.vocab_size,
+                                       num_positions=args.positions, num_trials=args.trials, seed=args.seed)
     result["protocol"].update({"model": loaded.protocol(), "sampler": inf.sampler_settings(loaded),
                                "num_samples": args.num_samples, "sample_seed": args.seed, "nfe": drawn["nfe"],
                                "time_value": "network sigma = -log alpha_t"})

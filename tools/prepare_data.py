@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSONL/parquet/hub field holding the text")
     p.add_argument("--txt-unit", default="file", choices=["file", "paragraph"],
                    help="one document per .txt file, or per blank-line-separated paragraph")
-    p.add_argument("--tokenizer", required=True, help="TOKENIZER.model | gpt2 | GPT2_DIR")
+    p.add_argument("--tokenizer", required=True,
+                   help="TOKENIZER.model (sentencepiece) | gpt2 | GPT2_DIR | hf:NAME_OR_DIR (any Hugging Face "
+                        "tokenizer.json, e.g. hf:bert-base-uncased or hf:path/to/dir)")
     p.add_argument("--seq-len", type=positive_int, required=True)
     p.add_argument("--packing", default="wrap", choices=["wrap", "pad"])
     p.add_argument("--samples-per-shard", type=positive_int, default=1024)

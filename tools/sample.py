@@ -24,17 +24,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
 from udmtrain.utils.io import atomic_open, check_writable  # noqa: E402
+from udmtrain.train.exports import is_export  # noqa: E402
+from udmtrain.utils.io import atomic_open  # noqa: E402
+from udmtrain.utils.progress import counting  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
+    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, a step_XXXXXXXXXX dir, or an export "
+                                                 "of tools/export_ckpt.py")
     p.add_argument("--num-samples", type=positive_int, default=8)
     inf.add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=None, help="samples per sampler call (default: all)")
     p.add_argument("--prefix", default=None, help="text every sample starts with (clamped, BOS prepended)")
-    p.add_argument("--out", default=None, help="JSONL output (default: <run dir>/samples/<step>-seed<K>.jsonl)")
+    p.add_argument("--out", default=None, help="JSONL output (default: <run dir>/samples/<step dir>-seed<K>.jsonl; "
+                                               "for an export DIR: <DIR's parent>/samples/<DIR name>-seed<K>.jsonl)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", type=device_name, default=None, help="cpu | cuda[:i] (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="do not print the samples")
@@ -50,16 +55,20 @@ def default_device(device: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     overrides = inf.sampler_overrides(args, inf.split_overrides(unknown))
+    inf.require_diffusion_run(args.ckpt, "tools/sample.py")
     if args.out:
         check_writable(args.out, "--out")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema,
                                     device=default_device(args.device))
-    drawn = inf.draw_samples(loaded, args.num_samples, args.batch_size or args.num_samples, args.seed,
-                             prefix_text=args.prefix)
+    batch_size = args.batch_size or args.num_samples
+    with inf.sampling_progress(loaded, args.num_samples, batch_size) as bar:
+        drawn = inf.draw_samples(loaded, args.num_samples, batch_size, args.seed, prefix_text=args.prefix,
+                                 network=counting(loaded.network(), bar.update))
     settings = inf.sampler_settings(loaded)
     # Never inside the checkpoint directory: checkpoints are immutable and keep_last prunes them.
     step_dir = os.path.normpath(str(loaded.step_dir))
-    run_dir = os.path.dirname(os.path.dirname(step_dir))
+    # an export (tools/export_ckpt.py) keeps its directory clean too: exports/samples/<name>-seed<K>.jsonl
+    run_dir = os.path.dirname(step_dir) if is_export(step_dir) else os.path.dirname(os.path.dirname(step_dir))
     out = args.out or os.path.join(run_dir, "samples", f"{os.path.basename(step_dir)}-seed{args.seed}.jsonl")
     check_writable(out, "--out")
     protocol = loaded.protocol()

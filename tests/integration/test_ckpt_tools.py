@@ -184,3 +184,17 @@ def test_bad_path_exits_2_without_traceback(name: str, tmp_path: Path) -> None:
     proc = tool(name, tmp_path / "not_a_run", *extra)
     assert proc.returncode == 2 and "is not a udmtrain run directory" in proc.stderr, th.describe(proc)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_into_new_directories_loads_like_its_checkpoint(run_dir: Path, tmp_path: Path, loaded_ema) -> None:
+    from udmtrain.train import inference as inf
+    from udmtrain.train.exports import is_export
+
+    out = tmp_path / "exports" / "nested" / "audm"  # neither exports/ nor nested/ exists yet
+    ok(tool("export_ckpt.py", run_dir, "--out", out))
+    assert inf.resolve_checkpoint(out) == out and is_export(out) and not is_export(run_dir)
+    loaded = inf.load_for_inference(out)
+    assert (loaded.step, loaded.use_ema, loaded.vocab_size) == (STEP, True, loaded_ema.vocab_size)
+    th.assert_same_tensors(loaded.model.state_dict(), loaded_ema.model.state_dict(), "export vs checkpoint")
+    with pytest.raises(inf.InferenceError, match="export of the EMA weights"):
+        inf.load_for_inference(out, use_ema=False)

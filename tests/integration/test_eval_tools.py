@@ -88,7 +88,8 @@ def test_eval_ppl_diffusion_counts_every_valid_token(runs, data, tmp_path):
     assert math.isfinite(res["nll"]) and res["nll"] > 0 and math.isfinite(res["nll_stderr"])
     assert res["num_tokens"] == valid["num_tokens"] and res["num_sequences"] == valid["num_samples"]
     assert res["ppl"] == pytest.approx(math.exp(res["nll"])) and res["bpd"] == pytest.approx(res["nll"] / math.log(2))
-    assert (res["method"], res["num_t_samples"], res["seed"], res["ema"], res["step"]) == ("mc", 2, 3, True, 4)
+    assert (res["method"], res["num_t_samples"], res["seed"], report["ema"], report["step"]) == ("mc", 2, 3, True, 4)
+    assert not {"checkpoint", "step", "ema"} & set(res)  # the checkpoint fields appear once, at the top
     assert res["eps"] == pytest.approx(1e-3) and report["checkpoint"].endswith("step_0000000004")
 
 
@@ -168,8 +169,17 @@ def test_gen_ppl_sweep_is_resumable(runs, tmp_path):
         ("2", "0.9"), ("2", "1.0"), ("3", "0.9"), ("3", "1.0")}
     assert all(math.isfinite(float(r["gen_ppl"])) for r in rows)
     assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 0
-    run(*args)
-    assert csv_path.read_text() == first
+    again = run(*args)
+    assert csv_path.read_text() == first and "4 reused" in again.stderr
+    stdout_rows = json.loads(again.stdout)["rows"]
+    assert {type(r["steps"]) for r in stdout_rows} == {int} and all(isinstance(r["gen_ppl"], float) for r in stdout_rows)
+    reports = sorted(p.name for p in (tmp_path / "sweep" / "reports").iterdir())
+    assert reports[0].startswith("steps2_T0.9_p1_") and not any(".0_" in name for name in reports)  # no "2.0"
+    # another --num-samples changes every result: recomputed, and the old rows are not returned
+    changed = run(*[a if a != 2 else 3 for a in args[:5]], *args[5:])
+    new_rows = json.loads(changed.stdout)["rows"]
+    assert len(new_rows) == 4 and {r["num_samples"] for r in new_rows} == {3}
+    assert "num_samples 2 -> 3" in changed.stderr and len(list(csv.DictReader(csv_path.open()))) == 8
 
 
 def test_loo_probe_on_uniform_and_refusal_elsewhere(runs, tmp_path):
@@ -180,3 +190,30 @@ def test_loo_probe_on_uniform_and_refusal_elsewhere(runs, tmp_path):
     assert (tmp_path / "probe" / "probe.png").stat().st_size > 0
     proc = run(REPO / "tools/loo_probe.py", "--ckpt", runs["audm"], "--out-dir", tmp_path / "p2", check=False)
     assert proc.returncode == 2 and "uniform process" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ar_runs_are_named_and_logged_as_such(runs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for tool, extra in (("sample.py", []), ("gen_ppl.py", ["--judge", runs["ar"]])):
+        # --steps would otherwise fail on the AR recipe's empty sampler section with a confusing report
+        proc = run(REPO / "tools" / tool, "--ckpt", runs["ar"], "--steps", 4, *extra, check=False)
+        assert proc.returncode == 2 and "is an autoregressive run" in proc.stderr and "Traceback" not in proc.stderr
+    ar = [json.loads(x) for x in (runs["ar"] / "metrics.jsonl").read_text().splitlines()]
+    audm = [json.loads(x) for x in (runs["audm"] / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/ppl" in r for r in ar) and not any("train/ppl_bound" in r for r in ar)  # exact for AR
+    assert any("train/ppl_bound" in r for r in audm)
+    texts = {}
+    for name in ("audm", "ar"):
+        acc = EventAccumulator(str(runs[name] / "tensorboard"), size_guidance={"tensors": 0})
+        acc.Reload()
+        texts[name] = acc.Tags()["tensors"]
+    assert "recipe/text_summary" in texts["ar"] and "samples/text_summary" not in texts["ar"]
+    assert {"recipe/text_summary", "samples/text_summary"} <= set(texts["audm"])  # decoded samples at eval
+
+
+def test_relaunching_a_finished_run_says_so(runs, data):
+    common = [f"data.train_shards={data}/shards/train-*.tar", f"data.valid_shards={data}/shards/valid-*.tar",
+              f"tokenizer.path={data}/tok.model", f"run.output_root={data}/runs", *TINY]
+    proc = run(REPO / "launch/pretrain.py", "--recipe", REPO / "recipes" / "quickstart_ar.yaml", "run.name=ar", *common)
+    assert "already at train.max_steps 4" in proc.stderr and "train.max_steps=8" in proc.stderr

@@ -113,6 +113,11 @@ class EvalSection:
     """Validation batches per evaluation per rank; null evaluates the whole validation set."""
     num_t_samples: int = 1
     """Diffusion times sampled per validation sequence (more = lower-variance NELBO estimate)."""
+    num_text_samples: int = 2
+    """Samples decoded and logged as TensorBoard text ("samples") at each evaluation, to judge a run
+    by eye; 0 disables. Diffusion recipes with a sampler only."""
+    text_sample_steps: int = 32
+    """Sampler steps of those text samples (a glance, not a measurement: see tools/sample.py)."""
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

@@ -60,6 +60,8 @@ _BOUNDS: tuple[tuple[str, Any, str], ...] = (
     ("eval.every", lambda v: v >= 0, "must be >= 0 (0 disables evaluation)"),
     ("eval.num_batches", lambda v: v is None or v >= 1, "must be >= 1 or null"),
     ("eval.num_t_samples", lambda v: v >= 1, "must be >= 1"),
+    ("eval.num_text_samples", lambda v: v >= 0, "must be >= 0 (0 disables the TensorBoard text samples)"),
+    ("eval.text_sample_steps", lambda v: v >= 1, "must be >= 1"),
     ("data.seq_len", lambda v: v >= 1, "must be >= 1"),
     ("data.shuffle_buffer", lambda v: v >= 0, "must be >= 0"),
     ("data.num_workers", lambda v: v >= 0, "must be >= 0"),

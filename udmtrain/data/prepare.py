@@ -180,12 +180,13 @@ def prepare_split(spec: SourceSpec, split: str, tokenizer: Tokenizer, out: str, 
 
 
 def _progress(enabled: bool, split: str, skipped: int):
+    """The shared progress display (a bar on a terminal, status lines in logs); documents, total unknown."""
     if not enabled:
         return None
-    from tqdm import tqdm
+    from udmtrain.utils.progress import progress
 
-    return tqdm(desc=f"{split} documents (resuming after {skipped} shards)" if skipped else f"{split} documents",
-                unit="doc", file=sys.stderr, mininterval=1.0)
+    return progress(None, f"{split} documents (resuming after {skipped} shards)" if skipped else f"{split} documents",
+                    unit="doc")
 
 
 def _split_record(done: list[dict[str, Any]], stats: dict[str, Any], new_tokens: int, seconds: float) -> dict[str, Any]:

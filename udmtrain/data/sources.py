@@ -155,7 +155,8 @@ def _iter_hf(spec: SourceSpec, split: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise DataError("--source hf needs the 'datasets' package and network access: pip install datasets") from None
+        raise DataError("--source hf needs the 'datasets' package and network access: pip install -e '.[hf]' "
+                        "(the project's Hugging Face extra: datasets + pyarrow)") from None
     known = HF_DATASETS.get(spec.hf_name or "", {})
     path, config = known.get("path", spec.hf_name), known.get("config", spec.hf_config)
     try:

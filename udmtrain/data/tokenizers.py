@@ -1,4 +1,4 @@
-"""Tokenizers: a trained sentencepiece model and GPT-2 BPE, behind one small interface.
+"""Tokenizers: a trained sentencepiece model, GPT-2 BPE and any Hugging Face tokenizer, behind one interface.
 
 Special-token policy (stated once, used everywhere):
 
@@ -15,7 +15,10 @@ Special-token policy (stated once, used everywhere):
   identity normalisation, no whitespace folding and no dummy prefix, so ``decode(encode(s)) == s``
   for any string without the meta symbol U+2581 ("▁"), which reads back as a space.
 
-``tokenizers``/``transformers`` are imported lazily inside the GPT-2 class (architecture.md, Data).
+* Hugging Face (``hf:NAME_OR_DIR``): the tokenizer's own BOS/EOS/PAD (EOS required; BOS and PAD
+  fall back to EOS), V = every id including added tokens.
+
+``tokenizers``/``transformers`` are imported lazily inside the classes (architecture.md, Data).
 """
 
 from __future__ import annotations
@@ -262,11 +265,119 @@ class IdsTokenizer(Tokenizer):
         return f"ids:{self.vocab_size}" + ("" if specials == (0, 0, 0) else ":" + ":".join(map(str, specials)))
 
 
+HF_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
+HF_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
+HF_PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
+
+
+def _hf_tokenizer_file(path: str) -> tuple[str, str]:
+    """``(tokenizer.json, origin)`` of a directory or a Hugging Face hub name (the local cache first,
+    then a download; no ``transformers`` needed)."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise DataError(f"hf tokenizer directory {path!r} has no tokenizer.json; write one with "
+                            f"transformers: AutoTokenizer.from_pretrained(NAME).save_pretrained({path!r})")
+        return file, f"dir:{path}"
+    if path.startswith(("/", "./", "../", "~")):
+        raise DataError(f"hf tokenizer directory {path!r} does not exist")
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "tokenizer.json")
+        return (cached if isinstance(cached, str) else hf_hub_download(path, "tokenizer.json")), f"hub:{path}"
+    except Exception as err:  # no network, unknown repo, no tokenizer.json: one clear message
+        raise DataError(f"cannot load the Hugging Face tokenizer {path!r}: not a local directory with "
+                        f"tokenizer.json, and the hub gave {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+                        "Offline, pass a directory holding tokenizer.json (--tokenizer hf:DIR)") from None
+
+
+def _hf_special_tokens(file: str) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` / ``pad_token`` named by tokenizer_config.json or
+    special_tokens_map.json beside ``file`` (either may be missing)."""
+    names: dict[str, str] = {}
+    for extra in ("special_tokens_map.json", "tokenizer_config.json"):
+        candidate = os.path.join(os.path.dirname(file), extra)
+        if not os.path.isfile(candidate):
+            continue
+        with open(candidate, encoding="utf-8") as handle:
+            record = json.load(handle)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = record.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str) and key not in names:
+                names[key] = value
+    return names
+
+
+@TOKENIZER.register("hf")
+class HFTokenizer(Tokenizer):
+    """Any Hugging Face *fast* tokenizer (``tokenizer.json``), by hub name or directory.
+
+    CLI: ``--tokenizer hf:NAME_OR_DIR``; recipe: ``tokenizer: {name: hf, path: NAME_OR_DIR}``.
+    Special ids: the ``bos_token`` / ``eos_token`` / ``pad_token`` of tokenizer_config.json or
+    special_tokens_map.json when present, else the first of the usual names found in the
+    vocabulary (EOS: ``</s>``, ``<|endoftext|>``, ...; PAD: ``<pad>``, ``[PAD]``; BOS and PAD fall
+    back to EOS). V counts
+    every id including added tokens. Texts are encoded without the tokenizer's own special tokens
+    (packing adds BOS/EOS).
+    """
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config:
+        path: str
+        """A directory holding tokenizer.json, or a Hugging Face hub name (cache first, then download)."""
+
+    def __init__(self, cfg: Config) -> None:
+        from tokenizers import Tokenizer as FastTokenizer
+
+        self.file, self.origin = _hf_tokenizer_file(cfg.path)
+        self.path = os.path.abspath(cfg.path) if os.path.isdir(cfg.path) else cfg.path
+        self.name = "hf"
+        self._tok = FastTokenizer.from_file(self.file)
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        named = _hf_special_tokens(self.file)
+
+        def find(key: str, candidates: tuple[str, ...]) -> int | None:
+            for token in ([named[key]] if key in named else []) + list(candidates):
+                if token in vocab:
+                    return int(vocab[token])
+            return None
+
+        eos = find("eos_token", HF_EOS_CANDIDATES)
+        if eos is None:
+            raise DataError(f"Hugging Face tokenizer {cfg.path!r} has no EOS token (none of {HF_EOS_CANDIDATES} and "
+                            "no eos_token in tokenizer_config.json); documents need one to be separated")
+        self.eos_id = eos
+        bos, pad = find("bos_token", HF_BOS_CANDIDATES), find("pad_token", HF_PAD_CANDIDATES)
+        self.bos_id = eos if bos is None else bos
+        self.pad_id = eos if pad is None else pad
+        self._specials = {self.bos_id, self.eos_id, self.pad_id}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) not in self._specials], skip_special_tokens=False)
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "origin": self.origin, "sha256": sha256_of_files([self.file]),
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+    def spec(self) -> str:
+        return f"hf:{self.path}"
+
+
 def load_tokenizer(spec: Any) -> Tokenizer:
     """Build a tokenizer from a CLI/recipe value.
 
     ``spec``: ``"gpt2"`` or a hub name / GPT-2 directory, a ``*.model`` sentencepiece path, ``ids:V``
-    (token ids as text, see ``IdsTokenizer``), or a recipe component (object with ``.name`` and ``.cfg``).
+    (token ids as text, see ``IdsTokenizer``), ``hf:NAME_OR_DIR`` (any Hugging Face fast tokenizer), or
+    a recipe component (object with ``.name`` and ``.cfg``).
     """
     if hasattr(spec, "name") and hasattr(spec, "cfg"):
         return TOKENIZER.build(spec.name, spec.cfg)
@@ -277,6 +388,8 @@ def load_tokenizer(spec: Any) -> Tokenizer:
             return IdsTokenizer(IdsTokenizer.Config(**dict(zip(("vocab_size", "bos_id", "eos_id", "pad_id"), values))))
         except (TypeError, ValueError) as err:
             raise DataError(f"tokenizer {spec!r}: expected ids:V or ids:V:bos:eos:pad ({err})") from None
+    if spec.startswith("hf:"):
+        return HFTokenizer(HFTokenizer.Config(path=spec[len("hf:"):]))
     if spec.endswith(".model"):
         return SentencePieceTokenizer(SentencePieceTokenizer.Config(path=spec))
     return GPT2Tokenizer(GPT2Tokenizer.Config(path=spec))

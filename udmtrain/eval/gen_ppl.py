@@ -129,6 +129,60 @@ class HFJudge:
                 "transformers_version": transformers.__version__}
 
 
+OFFLINE_JUDGE_HINT = "runs/quickstart-ar"
+"""The AR run tools/quickstart.sh trains: the judge that always works offline."""
+
+
+class JudgeUnavailable(FileNotFoundError):
+    """The judge named on the command line cannot be loaded (missing directory, hub unreachable)."""
+
+
+def hub_unreachable(timeout: float = 1.5) -> str:
+    """Why the Hugging Face hub cannot be used right now ('' when it can): ``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE`` set, or no TCP connection to the hub's host within ``timeout`` seconds
+    (name resolution included; a thread bounds it, since ``getaddrinfo`` itself has no timeout)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list[str] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append("")
+        except OSError as err:
+            result.append(f"{host} cannot be reached ({type(err).__name__})")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"{host} did not answer within {timeout:g} s"
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A filesystem path rather than a hub id: explicit prefixes, or a parent directory that exists
+    here (``runs/quickstart-ar`` when ``runs/`` exists; ``openai-community/gpt2`` is a hub id)."""
+    parent = os.path.dirname(spec.rstrip(os.sep))
+    return spec.startswith(("/", "./", "../", "~")) or bool(parent) and os.path.isdir(parent)
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    """True when the local Hugging Face cache holds ``repo_id``'s config.json (no network used)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        return False
+
+
 def load_judge(spec: Any = DEFAULT_JUDGE, device: str | torch.device = "cpu",
                dtype: torch.dtype | str = torch.float32, *, max_len: int | None = None,
                add_special_tokens: bool = True) -> Judge:
@@ -143,18 +197,30 @@ def load_judge(spec: Any = DEFAULT_JUDGE, device: str | torch.device = "cpu",
                         f"(missing: {', '.join(missing)})")
     spec = os.fspath(spec)
     is_local = os.path.isdir(spec)
-    if not is_local and (spec.startswith(("/", "./", "../", "~"))):
-        raise FileNotFoundError(f"judge directory {spec!r} does not exist; give a directory with config.json, "
-                                "the weights and the tokenizer files, or a Hugging Face hub id")
+    if not is_local and _looks_like_path(spec):
+        raise JudgeUnavailable(f"judge directory {spec!r} does not exist; give a udmtrain AR run (e.g. "
+                               f"{OFFLINE_JUDGE_HINT}), a directory with a saved Hugging Face model, or a hub id")
     transformers = require("transformers", extra="eval", feature=f"the gen_ppl judge {spec!r}")
     kwargs = {_transformers_dtype_kwarg(transformers): _as_dtype(dtype)}
+    if not is_local and not _in_hf_cache(spec):
+        reason = hub_unreachable()
+        if reason:
+            raise JudgeUnavailable(f"gen_ppl judge {spec!r} is a Hugging Face hub id, but {reason} and it is not "
+                                   f"in the local Hugging Face cache; pass a local judge: --judge "
+                                   f"{OFFLINE_JUDGE_HINT} (a udmtrain AR run) or --judge DIR (a saved Hugging "
+                                   "Face causal LM)")
+    elif not is_local and hub_unreachable():
+        kwargs["local_files_only"] = True  # cached: skip the hub's retries
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(spec)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(spec, **{k: v for k, v in kwargs.items()
+                                                                        if k == "local_files_only"})
         model = transformers.AutoModelForCausalLM.from_pretrained(spec, **kwargs)
     except OSError as err:
-        where = "local directory" if is_local else "Hugging Face hub id (needs network access)"
-        raise OSError(f"could not load the gen_ppl judge {spec!r} as a {where}: {err}. Offline, convert a "
-                      "judge once to a local directory (OFFLINE_ASSETS.md (a)) and pass its path") from err
+        where = "local directory" if is_local else "Hugging Face hub id"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise JudgeUnavailable(f"could not load the gen_ppl judge {spec!r} as a {where}: {first}; offline, pass "
+                               f"--judge {OFFLINE_JUDGE_HINT} (a udmtrain AR run) or a directory written by "
+                               "save_pretrained") from None
     return HFJudge(model.to(device), tokenizer, name=spec, source="local" if is_local else "hub",
                    max_len=max_len, add_special_tokens=add_special_tokens)
 
@@ -205,14 +271,16 @@ def gen_ppl_report(samples_token_ids: Any, decode_fn: Callable[[list[list[int]]]
                    batch_size: int = 8, prefix_eos: bool = False,
                    sampler_settings: Mapping[str, Any] | None = None, seeds: Any = None,
                    protocol: Mapping[str, Any] | None = None, mauve_references: Sequence[str] | None = None,
-                   mauve_kwargs: Mapping[str, Any] | None = None, per_sample: bool = False) -> dict:
+                   mauve_kwargs: Mapping[str, Any] | None = None, per_sample: bool = False,
+                   on_progress: Callable[[int], None] | None = None) -> dict:
     """Corpus-level generative perplexity, entropy and (optionally) MAUVE of ``samples_token_ids``.
 
     ``samples_token_ids``: LongTensor ``[N, L]`` or a list of id lists in the diffusion tokenizer's
     space; ``decode_fn(list of id lists) -> list of texts``; ``judge``: a ``Judge`` (``load_judge``).
     ``gen_ppl = exp(sum_counted NLL / #counted)`` with the first-EOS rule (module docstring).
     ``sampler_settings``, ``seeds`` and ``protocol`` are recorded verbatim. With ``per_sample`` the
-    per-sample NLL sum, counted tokens and entropy are included.
+    per-sample NLL sum, counted tokens and entropy are included. ``on_progress(n)`` is called after
+    each judge batch with the number of samples it scored.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -238,6 +306,8 @@ def gen_ppl_report(samples_token_ids: Any, decode_fn: Callable[[list[list[int]]]
                 raise FloatingPointError(f"the judge returned a non-finite NLL for sample {start + b}")
             sums.append(float(values_J[mask_J].sum()))
             counts.append(int(mask_J.sum()))
+        if on_progress is not None:
+            on_progress(len(chunk))
     total_nll, total_counted = math.fsum(sums), sum(counts)
     gen_nll = total_nll / total_counted if total_counted else float("nan")
     entropies = [unigram_entropy(s) for s in samples]
@@ -254,6 +324,11 @@ def gen_ppl_report(samples_token_ids: Any, decode_fn: Callable[[list[list[int]]]
         "num_tokens_scored": total_counted,
         "num_judge_tokens": sum(len(ids) for ids in judge_ids),
         "num_truncated": num_truncated,
+        "notes": {"num_truncated": f"samples whose judge tokenization was longer than judge_max_len "
+                                   f"({judge.max_len}) and was cut to it; only the first judge_max_len "
+                                   "tokens of those are scored",
+                  "num_samples_dropped": "always 0: every sample is scored (the last judge batch may be "
+                                         "smaller)"},
         "judge": judge.identity(),
         "judge_batch_size": batch_size,
         "judge_max_len": judge.max_len,

@@ -56,7 +56,9 @@ def build_trainer(cfg: Any) -> Run:
     from udmtrain.train.checkpoint import Checkpointer
     from udmtrain.train.metrics import MetricLogger, StepTimer, measure_peak_flops
     from udmtrain.train.signals import GracefulExit
+    from udmtrain.config.loader import dump_yaml
     from udmtrain.train.state import TrainState
+    from udmtrain.train.text_samples import build_text_samples, flat_hparams
     from udmtrain.train.trainer import TrainCheckpointer, Trainer
 
     rank, world, device = dse.init_distributed()
@@ -106,7 +108,9 @@ def build_trainer(cfg: Any) -> Run:
     step_fn = TrainStep(engine=engine, objective=components.objective, components=components, cfg=cfg,
                         rank=rank, world_size=world, device=device, timer=timer, optimizer=created[0], ema=ema)
     evaluator = Evaluator(cfg=cfg, components=components, engine=engine, ema=ema, rank=rank,
-                          world_size=world, device=device)
+                          world_size=world, device=device,
+                          text_samples=build_text_samples(cfg, components, metrics.log_text, rank, device))
+    metrics.log_run_start(dump_yaml(recipe_dict), flat_hparams(recipe_dict), state.step)
 
     def throughput(seconds: float, tokens: int) -> dict:
         tokens_per_s = tokens / max(seconds, 1e-9)
@@ -119,7 +123,7 @@ def build_trainer(cfg: Any) -> Run:
         batches=batches, step_fn=step_fn, metrics=metrics, evaluator=evaluator,
         checkpointer=TrainCheckpointer(checkpointer, engine, state, train_loader, ema, recipe_dict,
                                        {"run_name": cfg.run.name, "vocab_size": vocab_size}),
-        signals=signals, timer=timer, throughput=throughput)
+        signals=signals, timer=timer, throughput=throughput, exact_nll=not components.is_diffusion)
 
     def close() -> None:
         signals.__exit__(None, None, None)

@@ -19,8 +19,10 @@ class Evaluator:
     """
 
     def __init__(self, *, cfg: Any, components: Components, engine: Any, ema: Any, rank: int,
-                 world_size: int, device: torch.device) -> None:
+                 world_size: int, device: torch.device,
+                 text_samples: Callable[[Callable, int], None] | None = None) -> None:
         self.cfg, self.components, self.engine, self.ema = cfg, components, engine, ema
+        self.text_samples = text_samples  # (network, step): decoded samples to TensorBoard, same weights
         self.rank, self.world, self.device = rank, world_size, device
         self.every = cfg.eval.every
 
@@ -59,6 +61,8 @@ class Evaluator:
                 else:
                     result = exact_ar_nll(ar_nll_fn(self.components, network), self.batches(),
                                           all_reduce_sum=reduce, batch_kwargs=doc_batch_kwargs(self.cfg))
+                if self.text_samples is not None:
+                    self.text_samples(network, step)
         finally:
             module.train(was_training)
         return {f"val/{k}": result[k] for k in ("nll", "ppl", "bpd") if k in result}

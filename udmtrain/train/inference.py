@@ -46,7 +46,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointNotFound(f"checkpoint {os.fspath(path)!r} does not exist")
-    if is_complete(p):
+    from udmtrain.train.exports import is_export
+
+    if is_complete(p) or is_export(p):
         return p
     for ckpt_dir in (p, p / "checkpoints"):
         latest = ckpt_dir / LATEST
@@ -122,7 +124,11 @@ def load_for_inference(ckpt: str | os.PathLike, overrides: Sequence[str] = (), u
     from udmtrain.data.tokenizers import load_tokenizer
     from udmtrain.engine.deepspeed_engine import load_fp32_state_dict
 
+    from udmtrain.train.exports import is_export, load_export
+
     step_dir = resolve_checkpoint(ckpt)
+    if is_export(step_dir):
+        return load_export(step_dir, overrides, use_ema, device)
     meta = json.loads((step_dir / "meta.json").read_text())
     recipe = step_dir / "recipe.yaml"
     if not recipe.is_file():
@@ -363,3 +369,29 @@ def with_sampler(loaded: Loaded, overrides: Sequence[str]) -> Loaded:
     except ValueError as err:
         raise InferenceError(f"sampler {cfg.sampler.name!r}: {err}") from err
     return dataclasses.replace(loaded, cfg=cfg, components=dataclasses.replace(c, sampler=sampler))
+
+
+def require_diffusion_run(ckpt: str | os.PathLike, tool: str) -> None:
+    """``InferenceError`` naming the real problem when ``ckpt`` is an autoregressive run (its recipe has no
+    ``process``), checked on the saved recipe before any override (``--steps`` would otherwise fail
+    on the AR recipe's empty ``sampler`` section with a confusing message)."""
+    from udmtrain.config import load_recipe
+
+    step_dir = resolve_checkpoint(ckpt)
+    if not (step_dir / "recipe.yaml").is_file():
+        return  # load_for_inference reports the missing recipe
+    if load_recipe(os.fspath(step_dir / "recipe.yaml")).process is None:
+        raise InferenceError(f"{os.fspath(ckpt)} is an autoregressive run (its recipe has no process); {tool} needs "
+                             "a diffusion run, e.g. runs/quickstart-audm or runs/quickstart-udlm")
+
+
+def sampling_progress(loaded: Loaded, num_samples: int, batch_size: int, desc: str = "sampling"):
+    """A ``udmtrain.utils.progress`` display for ``draw_samples``, counting network evaluations:
+    ``sampler.num_steps`` per batch (a sampler that skips evaluations finishes below the total)."""
+    from udmtrain.utils.progress import progress
+
+    steps = getattr(loaded.cfg.sampler.cfg, "num_steps", None) if loaded.cfg.sampler is not None else None
+    batches = -(-num_samples // batch_size)
+    return progress(steps * batches if steps else None, f"{desc} ({num_samples} samples, {batches} batch(es))",
+                    unit="nfe")
+

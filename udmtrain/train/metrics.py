@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 import torch
 
+from udmtrain.utils.progress import format_hms
+
 # Dense peak FLOP/s per GPU by (name substring, dtype); vendor datasheets, without sparsity.
 _GPU_PEAK: tuple[tuple[str, torch.dtype, float], ...] = (
     ("H200", torch.bfloat16, 989e12), ("H200", torch.float16, 989e12), ("H200", torch.float32, 494.5e12),
@@ -98,10 +100,11 @@ class StepTimer:
                 torch.cuda.synchronize()
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
-    def split(self, reset: bool = True) -> dict[str, float]:
-        """``{"time/<section>": seconds, "time/step": total}`` accumulated since the last reset."""
-        out = {f"time/{k}": v for k, v in self.totals.items()}
-        out["time/step"] = sum(self.totals.values())
+    def split(self, reset: bool = True, steps: int = 1) -> dict[str, float]:
+        """``{"time/<section>": seconds, "time/step": total}`` accumulated since the last reset, divided
+        by ``steps`` (the steps since the last reset: per-step means over a logging window)."""
+        out = {f"time/{k}": v / max(1, steps) for k, v in self.totals.items()}
+        out["time/step"] = sum(out.values())
         if reset:
             self.totals = {}
         return out
@@ -112,7 +115,9 @@ CONSOLE_KEYS = {
     "perf/tokens_per_s": "tok/s", "perf/mfu": "mfu", "val/nll": "val_nll", "val/ppl": "val_ppl",
     "data/corrupt_skipped": "corrupt_skipped",
 }
-"""Metrics shown (under these short names) on the console line; every metric still goes to the files."""
+"""Metrics shown (under these short names) on the console line; every metric still goes to the files.
+The trainer logs ``perf/*`` as means over the logging window, and the line's ``s/it`` is the same
+window's ``perf/step_s``, so tok/s and s/it describe the same steps."""
 
 
 class MetricLogger:
@@ -131,6 +136,7 @@ class MetricLogger:
         self._console = console if self.active else None
         self._t0: float | None = None
         self._s0 = 0
+        self._last_line = (0.0, 0)  # (time, step) of the previous console line
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -161,7 +167,11 @@ class MetricLogger:
             print(self.progress_line(step, metrics), file=self._console, flush=True)
 
     def progress_line(self, step: int, metrics: Mapping[str, Any]) -> str:
-        """``step 120/1000 (12.0%) | loss 2.3100 | lr 3.00e-04 | 1.2 s/it | eta 0:17:36``."""
+        """``step 120/1000 (12.0%) | loss 2.3100 | lr 3.00e-04 | tok/s 3,410 | 1.2 s/it | eta 0:17:36``.
+
+        ``s/it`` is ``perf/step_s`` when logged (the window mean, as ``tok/s``), else the wall clock
+        since the previous line; the ETA uses the wall clock since the first line (evaluation and
+        checkpoint time included)."""
         now = time.perf_counter()
         if self._t0 is None:
             self._t0, self._s0 = now, step
@@ -170,13 +180,38 @@ class MetricLogger:
         for k, v in shown.items():
             v = float(v)
             k = CONSOLE_KEYS.get(k, k)
-            parts.append(f"{k} {v:.2e}" if (v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5)) else f"{k} {v:.4f}")
-        if step > self._s0:
-            sec_per_step = (now - self._t0) / (step - self._s0)
+            if k == "tok/s":
+                parts.append(f"{k} {v:,.0f}")
+            else:
+                parts.append(f"{k} {v:.2e}" if (v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5)) else f"{k} {v:.4f}")
+        last_t, last_s = self._last_line
+        sec_per_step = float(metrics["perf/step_s"]) if "perf/step_s" in metrics else (
+            (now - last_t) / (step - last_s) if step > last_s else None)
+        if sec_per_step is not None:
             parts.append(f"{sec_per_step:.3g} s/it")
-            if self.max_steps:
-                parts.append(f"eta {_hms(sec_per_step * max(0, self.max_steps - step))}")
+        if step > self._s0 and self.max_steps:
+            parts.append(f"eta {format_hms((now - self._t0) / (step - self._s0) * max(0, self.max_steps - step))}")
+        self._last_line = (now, step)
         return " | ".join(parts)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A TensorBoard text entry (markdown) under ``tag`` (rank 0; nothing without TensorBoard)."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text, global_step=int(step))
+            self._tb.flush()
+
+    def log_run_start(self, recipe_yaml: str, hparams: Mapping[str, Any], step: int) -> None:
+        """The resolved recipe as TensorBoard text and its scalar settings as hparams (rank 0)."""
+        if self._tb is None:
+            return
+        self._tb.add_text("recipe", "```yaml\n" + recipe_yaml + "\n```", global_step=int(step))
+        clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+        # add_hparams would open a separate run directory; write the summaries into this one.
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        for summary in hparams_summary(clean, {"val/nll": float("nan")}):
+            self._tb._get_file_writer().add_summary(summary)
+        self._tb.flush()
 
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
@@ -187,7 +222,3 @@ class MetricLogger:
             self._tb.close()
             self._tb = None
 
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

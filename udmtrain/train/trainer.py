@@ -86,6 +86,7 @@ class Trainer:
         signals: Any,
         timer: Any,
         throughput: Callable[[float, int], dict],
+        exact_nll: bool = False,
     ) -> None:
         self.state = state
         self.max_steps = max_steps
@@ -95,11 +96,14 @@ class Trainer:
         self.metrics = metrics
         self.evaluator, self.checkpointer, self.signals = evaluator, checkpointer, signals
         self.timer, self.throughput = timer, throughput
+        # exp(train/nll) is a perplexity bound for diffusion, the exact perplexity for the AR model.
+        self.ppl_key = "train/ppl" if exact_nll else "train/ppl_bound"
 
     def train(self) -> str:
         """Train to ``max_steps``; returns why it stopped: 'done', 'signal' or 'nonfinite'."""
         state = self.state
         reason = "done"
+        window = [0.0, 0, 0]  # seconds, tokens, steps since the last logged step: perf/* are window means
         while state.step < self.max_steps:
             t0 = time.perf_counter()
             result = self.step_fn(self.batches, state.step)
@@ -112,10 +116,12 @@ class Trainer:
                        f"({state.num_nonfinite} in a row, {state.total_skipped} in total)")
             else:
                 state.num_nonfinite = 0
-            step_times = self.timer.split()
-            step_times.update(self.throughput(time.perf_counter() - t0, result.num_tokens))
+            window = [window[0] + time.perf_counter() - t0, window[1] + result.num_tokens, window[2] + 1]
             if self.metrics.should_log(state.step) or state.step == self.max_steps:
+                step_times = self.timer.split(steps=window[2])
+                step_times.update(self.throughput(window[0] / window[2], window[1] / window[2]))
                 self._log(result, step_times)
+                window = [0.0, 0, 0]
             if state.num_nonfinite >= self.max_nonfinite_steps:
                 reason = "nonfinite"
                 print0(f"stopping: {state.num_nonfinite} consecutive non-finite losses "
@@ -144,7 +150,7 @@ class Trainer:
         scalars = {
             "train/loss": result.loss,
             "train/nll": result.nelbo,
-            "train/ppl_bound": math.exp(min(result.nelbo, 50.0)),
+            self.ppl_key: math.exp(min(result.nelbo, 50.0)),
             "train/lr": result.lr,
             "train/tokens_seen": self.state.tokens_seen,
             "train/skipped_steps": self.state.total_skipped,

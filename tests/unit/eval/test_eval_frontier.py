@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from udmtrain.eval.frontier import grid, plot_frontier, read_rows, run_sweep, setting_key  # noqa: E402
+from udmtrain.eval.frontier import (  # noqa: E402
+    context_id, grid, plot_frontier, read_rows, run_sweep, setting_key, typed)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,3 +67,31 @@ def test_plot_and_errors(tmp_path):
     with pytest.raises(ValueError, match="not in the header"):
         run_sweep(grid(temperatures=[0.9, 1.0]), lambda s: {"gen_ppl": 1.0, f"x{s['temperature']}": 1},
                   tmp_path / "h.csv")
+
+
+def test_a_changed_context_recomputes_and_says_what_was_reused(tmp_path):
+    settings = grid(temperatures=[0.9, 1.0], top_ps=[1.0], steps=[8])
+    csv_path = tmp_path / "sweep.csv"
+    lines, first, second, third = [], [], [], []
+    ctx32 = {"num_samples": 32, "seed": 0, "judge": "runs/quickstart-ar"}
+    rows = run_sweep(settings, make_scorer(first), csv_path, context=ctx32, log=lines.append)
+    assert len(first) == 2 and [r["steps"] for r in rows] == [8, 8]  # numbers, not strings
+    assert isinstance(rows[0]["gen_ppl"], float) and rows[0]["context_id"] == context_id(ctx32)
+    assert lines[-1].endswith("sweep of 2 setting(s): 0 reused from " + str(csv_path) + ", 2 to compute")
+    ctx64 = {**ctx32, "num_samples": 64}  # e.g. another --num-samples: nothing may be reused
+    lines.clear()
+    rows = run_sweep(settings, make_scorer(second), csv_path, context=ctx64, log=lines.append)
+    assert len(second) == 2 and len(rows) == 2 and {r["context_id"] for r in rows} == {context_id(ctx64)}
+    assert any("2 row(s) of other settings (num_samples 32 -> 64) kept, not reused" in x for x in lines)
+    assert len(read_rows(csv_path)) == 4  # the old rows stay in the file
+    lines.clear()
+    rows = run_sweep(settings, make_scorer(third), csv_path, context=dict(ctx32), log=lines.append)
+    assert third == [] and len(rows) == 2 and "2 reused" in lines[-1]  # back to the first settings: reused
+    assert typed({"a": "16", "b": "0.5", "c": "", "d": "x"}) == {"a": 16, "b": 0.5, "c": None, "d": "x"}
+
+
+def test_a_csv_without_context_column_is_refused_in_one_line(tmp_path):
+    csv_path = tmp_path / "old.csv"
+    run_sweep(grid(temperatures=[1.0], steps=[8]), lambda s: {"gen_ppl": 2.0}, csv_path)
+    with pytest.raises(ValueError, match="no context_id column"):
+        run_sweep(grid(temperatures=[1.0], steps=[8]), lambda s: {"gen_ppl": 2.0}, csv_path, context={"n": 1})

@@ -139,3 +139,42 @@ def test_dtype_keyword_follows_the_transformers_version():
     assert _transformers_dtype_kwarg(SimpleNamespace(__version__="4.41.2")) == "torch_dtype"
     assert _transformers_dtype_kwarg(SimpleNamespace(__version__="4.57.6")) == "dtype"
     assert _transformers_dtype_kwarg(SimpleNamespace(__version__="5.24.0")) == "dtype"
+
+
+def test_progress_callback_and_notes(judge_parts):
+    model, tok = judge_parts
+    seen = []
+    report = gen_ppl_report(SAMPLES, decode, HFJudge(model, tok, name="t", max_len=9), batch_size=2,
+                            on_progress=seen.append)
+    assert seen == [2, 2, 1]  # samples scored per judge batch
+    assert "longer than judge_max_len (9)" in report["notes"]["num_truncated"]
+
+
+def test_offline_hub_judge_fails_fast_in_one_line(monkeypatch):
+    import time
+
+    from udmtrain.eval.gen_ppl import JudgeUnavailable, hub_unreachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_unreachable() == "HF_HUB_OFFLINE is set"
+    t0 = time.perf_counter()
+    with pytest.raises(JudgeUnavailable) as err:
+        load_judge("udmtrain-test/no-such-judge")
+    assert time.perf_counter() - t0 < 5
+    message = str(err.value)
+    assert "\n" not in message and "--judge runs/quickstart-ar" in message and "HF_HUB_OFFLINE is set" in message
+    # no offline switch, but the hub's host refuses connections: the socket probe says so within its timeout
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1")
+    reason = hub_unreachable(timeout=1.0)
+    assert reason.startswith("127.0.0.1 cannot be reached") or "did not answer" in reason
+
+
+def test_a_missing_local_judge_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from udmtrain.eval.gen_ppl import JudgeUnavailable
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)  # runs/ exists here, so runs/quickstart-ar is a path, not a hub id
+    with pytest.raises(JudgeUnavailable, match="judge directory 'runs/quickstart-ar' does not exist"):
+        load_judge("runs/quickstart-ar")
