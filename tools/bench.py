@@ -1,9 +1,10 @@
-"""Benchmarks as JSON: training throughput and MFU of a recipe, or data-loader throughput.
+"""Benchmarks as JSON: training throughput and MFU of a recipe, sampling speed, or data-loader throughput.
 
     python tools/bench.py train --recipe recipes/quickstart.yaml --steps 20 --warmup 3
     python tools/bench.py train --recipe recipes/mdlm.yaml engine.micro_batch_size=8 --out mdlm.json
     deepspeed --num_gpus 8 tools/bench.py train --recipe recipes/absorbing_udm.yaml engine.zero_stage=3
     python tools/bench.py data --shards data/demo --batch-size 32 --num-batches 200
+    python tools/bench.py sample --recipe recipes/udlm_loo.yaml --vocab-size 4096 --seq-len 128  (tools/bench_sample.py)
 
 ``train`` builds the recipe's run in-process with ``udmtrain.train.build.build_trainer`` (the real
 engine, data loader and TrainStep; a temporary run directory, no resume, no checkpoint written), runs
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="also write the JSON report to this file")
     train.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. engine.zero_stage=3")
     sub.add_parser("data", help="data loader throughput (tools/bench_data.py)", add_help=False)
+    sub.add_parser("sample", help="sampler NFE/s, tokens/s and network/sampler split (tools/bench_sample.py)",
+                   add_help=False)
     return parser
 
 
@@ -148,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher inserts --local_rank=N before our arguments; LOCAL_RANK carries it too
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    if argv and argv[0] == "sample":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_sample
+
+        try:
+            return bench_sample.main(argv[1:])
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if argv and argv[0] == "data":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         try:
