@@ -5,6 +5,7 @@
     deepspeed --num_gpus 8 tools/bench.py train --recipe recipes/absorbing_udm.yaml engine.zero_stage=3
     python tools/bench.py data --shards data/demo --batch-size 32 --num-batches 200
     python tools/bench.py sample --recipe recipes/udlm_loo.yaml --vocab-size 4096 --seq-len 128  (tools/bench_sample.py)
+    python tools/bench.py memory --vocab-size 50257 --batch-size 2 --seq-len 512      (tools/bench_memory.py)
 
 ``train`` builds the recipe's run in-process with ``udmtrain.train.build.build_trainer`` (the real
 engine, data loader and TrainStep; a temporary run directory, no resume, no checkpoint written), runs
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also time the bare network + loss + AdamW step (tools/bench_bare.py), interleaved")
     train.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. engine.zero_stage=3")
     sub.add_parser("data", help="data loader throughput (tools/bench_data.py)", add_help=False)
+    sub.add_parser("memory", help="peak memory of the loss path per token (tools/bench_memory.py)", add_help=False)
     sub.add_parser("sample", help="sampler NFE/s, tokens/s and network/sampler split (tools/bench_sample.py)",
                    add_help=False)
     return parser
@@ -193,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher inserts --local_rank=N before our arguments; LOCAL_RANK carries it too
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    if argv and argv[0] == "memory":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_memory
+
+        return bench_memory.main(argv[1:])
     if argv and argv[0] == "sample":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_sample
