@@ -233,12 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        text = json.dumps(report, indent=1)
-        print(text)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as handle:
-                handle.write(text + "\n")
+        emit(report, args.out)
     return 0
+
+
+def emit(report: dict[str, Any], out: str | None) -> None:
+    """Print ``report`` as indented JSON and, with ``out``, write the same text there atomically."""
+    from udmtrain.utils.io import write_text_atomic
+
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        write_text_atomic(out, text + "\n")
 
 
 if __name__ == "__main__":

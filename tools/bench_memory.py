@@ -101,12 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         eta = (time.perf_counter() - t0) / (i + 1) * (len(specs) - i - 1)
         print(f"[bench memory] {i + 1}/{len(specs)} {spec['case']} chunk={spec['chunk_elements']}: "
               f"{rows[-1]['peak_delta_bytes'] / 2**20:.0f} MiB, ETA {eta:.0f}s", file=sys.stderr, flush=True)
-    text = json.dumps({"bench": "memory", "rows": rows}, indent=1)
-    print(text)
-    if args.out:
-        from udmtrain.utils.io import write_text_atomic
+    from bench import emit  # tools/bench.py
 
-        write_text_atomic(args.out, text + "\n")
+    emit({"bench": "memory", "rows": rows}, args.out)
     return 0
 
 

@@ -22,7 +22,6 @@ the kernel's draws).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -192,12 +191,9 @@ def run_sample_bench(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = run_sample_bench(args)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        from udmtrain.utils.io import write_text_atomic
+    from bench import emit  # tools/bench.py
 
-        write_text_atomic(args.out, text + "\n")
+    emit(report, args.out)
     return 0
 
 
