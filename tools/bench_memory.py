@@ -66,6 +66,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     B, L, V = spec["batch_size"], spec["seq_len"], proc.num_states
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+    # warm-up on 8 positions through the same code path (sliced or not): first-call allocations and lazy
+    # initialisation are not the loss path's memory
+    small = torch.zeros(1, 8, V, dtype=dtype, requires_grad=True)
+    chunk_before = obj.chunk_elements
+    obj.chunk_elements = 1 if chunk < (1 << 62) else chunk
+    obj(lambda *a, **k: small, torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.bool),
+        stratified_times(1, 0, 1), gen).loss.backward()
+    obj.chunk_elements = chunk_before
     logits = torch.randn(B, L, V, generator=gen, dtype=dtype).requires_grad_(True)
     x0 = torch.randint(0, spec["vocab_size"], (B, L), generator=gen)
     valid = torch.ones(B, L, dtype=torch.bool)
