@@ -1,9 +1,11 @@
-"""Benchmarks as JSON: training throughput and MFU of a recipe, or data-loader throughput.
+"""Benchmarks as JSON: training throughput and MFU of a recipe, sampling speed, or data-loader throughput.
 
     python tools/bench.py train --recipe recipes/quickstart.yaml --steps 20 --warmup 3
     python tools/bench.py train --recipe recipes/mdlm.yaml engine.micro_batch_size=8 --out mdlm.json
     deepspeed --num_gpus 8 tools/bench.py train --recipe recipes/absorbing_udm.yaml engine.zero_stage=3
     python tools/bench.py data --shards data/demo --batch-size 32 --num-batches 200
+    python tools/bench.py sample --recipe recipes/udlm_loo.yaml --vocab-size 4096 --seq-len 128  (tools/bench_sample.py)
+    python tools/bench.py memory --vocab-size 50257 --batch-size 2 --seq-len 512      (tools/bench_memory.py)
 
 ``train`` builds the recipe's run in-process with ``udmtrain.train.build.build_trainer`` (the real
 engine, data loader and TrainStep; a temporary run directory, no resume, no checkpoint written), runs
@@ -16,6 +18,11 @@ engine, data loader and TrainStep; a temporary run directory, no resume, no chec
 * ``peak_flops``: the device's peak per device in the run's precision, ``peak_flops_bf16`` and
   ``peak_flops_fp32`` both (datasheet for known GPUs, a matmul probe otherwise);
 * ``mfu = flops_per_token * tokens_per_s / (peak_flops * world_size)``.
+
+``--compare-bare`` (single process) also builds the bare step of ``tools/bench_bare.py`` (the same
+network, objective, batches and AdamW, no engine / veto / EMA / timers) and times the two interleaved,
+one optimizer step each in turn, so machine noise hits both alike; ``bare`` reports its tokens/s and
+``full_over_bare`` the ratio of median step times (1.05 = the full step costs 5% more).
 """
 
 from __future__ import annotations
@@ -42,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=positive_int, default=10, help="timed optimizer steps (default 10)")
     train.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed optimizer steps first (default 2)")
     train.add_argument("--out", default=None, help="also write the JSON report to this file")
+    train.add_argument("--compare-bare", action="store_true",
+                       help="also time the bare network + loss + AdamW step (tools/bench_bare.py), interleaved")
     train.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. engine.zero_stage=3")
     sub.add_parser("data", help="data loader throughput (tools/bench_data.py)", add_help=False)
+    sub.add_parser("memory", help="peak memory of the loss path per token (tools/bench_memory.py)", add_help=False)
+    sub.add_parser("sample", help="sampler NFE/s, tokens/s and network/sampler split (tools/bench_sample.py)",
+                   add_help=False)
     return parser
 
 
@@ -80,7 +92,8 @@ def model_size(cfg: Any) -> tuple[int, float]:
     return num_params(model), flops_per_token(model, cfg.data.seq_len)
 
 
-def run_train_bench(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
+def run_train_bench(recipe: str, overrides: list[str], steps: int, warmup: int,
+                    compare_bare: bool = False) -> dict[str, Any]:
     """Build the run, ``warmup`` untimed steps, ``steps`` timed ones; returns the report (every rank)."""
     from importlib.metadata import version
 
@@ -102,20 +115,30 @@ def run_train_bench(recipe: str, overrides: list[str], steps: int, warmup: int) 
         try:
             trainer = run.trainer
             step_fn, timer = trainer.step_fn, trainer.timer
-            for step in range(warmup):
-                step_fn(trainer.batches, step)
             world = step_fn.world
             device = step_fn.device
+            bare = _make_bare(cfg, step_fn, world) if compare_bare else None
+            for step in range(warmup):
+                step_fn(trainer.batches, step)
+                if bare is not None:
+                    bare(trainer.batches, step)
             _sync(device)
             timer.split()  # drop the warm-up's sections
-            tokens, skipped = 0, 0
-            t0 = time.perf_counter()
+            tokens, skipped, bare_tokens = 0, 0, 0
+            full_times, bare_times = [], []
             for step in range(warmup, warmup + steps):
+                t0 = time.perf_counter()
                 result = step_fn(trainer.batches, step)
+                _sync(device)
+                full_times.append(time.perf_counter() - t0)
                 tokens += result.num_tokens
                 skipped += int(result.skipped)
-            _sync(device)
-            seconds = time.perf_counter() - t0
+                if bare is not None:
+                    t0 = time.perf_counter()
+                    bare_tokens += bare(trainer.batches, step)
+                    _sync(device)
+                    bare_times.append(time.perf_counter() - t0)
+            seconds = sum(full_times)
             split = timer.split()
         finally:
             run.close()
@@ -136,7 +159,31 @@ def run_train_bench(recipe: str, overrides: list[str], steps: int, warmup: int) 
         "flops_per_token": flops, "peak_flops": peak, "peak_flops_bf16": peaks["bf16"],
         "peak_flops_fp32": peaks["fp32"], "mfu": mfu(flops, tokens_per_s / world, peak),
         "torch_version": torch.__version__, "deepspeed_version": version("deepspeed"),
+        "step_times_s": full_times, **(_bare_report(bare_times, bare_tokens, full_times) if compare_bare else {}),
     }
+
+
+def _make_bare(cfg: Any, step_fn: Any, world: int) -> Any:
+    """The bare step (tools/bench_bare.py) for ``cfg`` on the full step's device (single process only)."""
+    if world != 1:
+        raise ValueError(f"--compare-bare runs in a single process, got world size {world}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_bare import BareStep
+
+    from udmtrain.data.manifest import check_manifest
+    from udmtrain.train.build import resolve_vocab_size
+
+    vocab = resolve_vocab_size(cfg, check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer))
+    return BareStep(cfg, vocab, step_fn.device)
+
+
+def _bare_report(bare_times: list[float], bare_tokens: int, full_times: list[float]) -> dict[str, Any]:
+    """``bare`` (tokens/s, step time, raw step times) and ``full_over_bare`` (ratio of median step times)."""
+    import statistics
+
+    bare_s, full_s = statistics.median(bare_times), statistics.median(full_times)
+    return {"bare": {"tokens_per_s": bare_tokens / sum(bare_times), "step_time_s": bare_s, "step_times_s": bare_times},
+            "full_step_time_median_s": full_s, "full_over_bare": full_s / bare_s}
 
 
 def _sync(device: Any) -> None:
@@ -150,6 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher inserts --local_rank=N before our arguments; LOCAL_RANK carries it too
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    if argv and argv[0] == "memory":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_memory
+
+        return bench_memory.main(argv[1:])
+    if argv and argv[0] == "sample":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_sample
+
+        try:
+            return bench_sample.main(argv[1:])
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if argv and argv[0] == "data":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         try:
@@ -170,19 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out:
             check_writable(args.out, "--out")
-        report = run_train_bench(args.recipe, args.overrides, args.steps, args.warmup)
+        report = run_train_bench(args.recipe, args.overrides, args.steps, args.warmup, args.compare_bare)
     except ConfigError as err:
         report_and_exit(err)
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        text = json.dumps(report, indent=1)
-        print(text)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as handle:
-                handle.write(text + "\n")
+        emit(report, args.out)
     return 0
+
+
+def emit(report: dict[str, Any], out: str | None) -> None:
+    """Print ``report`` as indented JSON and, with ``out``, write the same text there atomically."""
+    from udmtrain.utils.io import write_text_atomic
+
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        write_text_atomic(out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, assert_refused, run, tool
+from fault_helpers import TINY, assert_refused, run, tool
 
 from udmtrain.train import inference as inf
 
@@ -133,7 +133,7 @@ def test_kill_9_mid_run_then_resume_is_bit_exact(trained_run: Path, tiny_data: P
     import sys
     import time
 
-    from conftest import REPO, data_overrides, env
+    from fault_helpers import REPO, data_overrides, env
 
     from udmtrain.engine.deepspeed_engine import load_fp32_state_dict
 

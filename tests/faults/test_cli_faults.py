@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, assert_refused, data_overrides, run, tool
+from fault_helpers import TINY, assert_refused, data_overrides, run, tool
 
 from udmtrain.train import inference as inf
 

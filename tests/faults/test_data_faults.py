@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, VOCAB_SIZE, assert_refused, data_overrides, tool
+from fault_helpers import REPO, TINY, VOCAB_SIZE, assert_refused, data_overrides, tool
 
 from udmtrain.data.errors import DataError
 from udmtrain.data.loader import build_train_loader, build_valid_loader
@@ -226,7 +226,7 @@ def test_interrupted_prepare_resumes_from_partial_and_publishes(tmp_path: Path, 
 def test_training_reports_corrupt_data(data_copy: Path, tmp_path: Path, policy: str) -> None:
     """``fail``: one line naming shard and sample key, exit 2; ``skip``: counted on the console line
     and in metrics.jsonl."""
-    from conftest import run
+    from fault_helpers import run
 
     key = _plant_bad_id(data_copy)
     proc = run(["launch/pretrain.py", "--recipe", "recipes/quickstart.yaml", "run.name=c",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_refused, run
+from fault_helpers import REPO, assert_refused, run
 
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 

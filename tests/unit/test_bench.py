@@ -95,3 +95,17 @@ def test_bench_data_dispatches_to_bench_data(shards):
 def test_bench_train_bad_recipe_is_a_clear_error(tmp_path):
     proc = _run(["tools/bench.py", "train", "--recipe", str(tmp_path / "nope.yaml")])
     assert proc.returncode == 2 and "nope.yaml" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bench_train_compare_bare_times_both_interleaved(shards, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run([str(REPO / "tools/bench.py"), "train", "--recipe", str(REPO / "recipes/quickstart.yaml"),
+                 "--steps", "2", "--warmup", "1", "--compare-bare", "--out", str(out), *TINY,
+                 *_data_overrides(shards)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    bare = report["bare"]
+    assert len(bare["step_times_s"]) == len(report["step_times_s"]) == 2
+    assert math.isclose(bare["tokens_per_s"], 2 * 4 * SEQ_LEN / sum(bare["step_times_s"]), rel_tol=1e-9)
+    assert math.isclose(report["full_over_bare"], report["full_step_time_median_s"] / bare["step_time_s"],
+                        rel_tol=1e-12) and report["full_over_bare"] > 0

@@ -7,6 +7,15 @@ With ``doc_ids_BL`` (LongTensor ``[B, L]``, the loader's per-token document ids,
 network is also called with the keyword ``doc_ids_BL=...`` (attention restricted to each token's own
 document, ``data.document_attention``); without it the keyword is not passed at all, so networks
 that do not know it (test oracles) keep working.
+
+Memory: the vocabulary-wide loss math (upcast, log-softmax, the conversions, the NELBO's ``[B, L, V]``
+terms) makes several float32 ``[B, L, V]`` tensors, and autograd would keep some of them for the
+backward pass: at V = 50,257, B = 16, L = 1024 each is 3.3 GB. Above ``chunk_elements`` logits
+entries, :func:`chunked_per_token` therefore evaluates the per-token loss over slices of positions,
+each under activation checkpointing (only the network's logits are kept; a slice's intermediates are
+rebuilt in the backward pass, one slice at a time), so at most the logits and one slice's float32
+temporaries are alive. Every loss is position-wise given ``alpha_B1``, so the result is the same
+per-token tensor, position by position.
 """
 
 from __future__ import annotations
@@ -14,14 +23,54 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from udmtrain.diffusion.functional import upcast
 from udmtrain.diffusion.losses import DiffusionLoss, nelbo_loss_for
 from udmtrain.diffusion.parameterization import Parameterization
-from udmtrain.diffusion.process import ForwardProcess
+from udmtrain.diffusion.process import ForwardProcess, Noised
 from udmtrain.diffusion.schedule import Schedule
 from udmtrain.diffusion.time_sampling import antithetic_times, iid_times, sample_times  # noqa: F401 (re-export)
+
+
+#: Logits entries (``B * L * V``) above which the loss is evaluated in checkpointed position slices:
+#: 2^26 entries = 256 MB in float32. Each slice holds about ``2^24`` entries (64 MB per float32 temporary).
+CHUNK_ELEMENTS = 1 << 26
+SLICE_ELEMENTS = 1 << 24
+
+
+def chunked_per_token(per_token: Callable, param: Parameterization, logits_BLV: Tensor, x0_BL: Tensor,
+                      noised: Noised, alpha_B1: Tensor, dalpha_B1: Tensor,
+                      slice_elements: int = SLICE_ELEMENTS) -> Tensor:
+    """``per_token(param, logits, x0, noised, alpha, dalpha)`` -> ``[B, L]``, over slices of positions.
+
+    Positions are split into slices of ``~slice_elements / (B V)`` positions; each slice's loss runs
+    under non-reentrant activation checkpointing when gradients are needed (its float32 temporaries are
+    freed after the forward and rebuilt in the backward), plainly under ``no_grad``. The losses are
+    position-wise given ``alpha_B1`` / ``dalpha_B1`` (``[B, 1]``), so the concatenation equals the
+    unsliced result and so do the gradients. ``logits_BLV`` may be bf16: the upcast happens per slice.
+    """
+    B, L, V = logits_BLV.shape
+    step = max(1, int(slice_elements) // max(1, B * V))
+    if step >= L:
+        return per_token(param, logits_BLV, x0_BL, noised, alpha_B1, dalpha_B1)
+    sizes = [min(step, L - start) for start in range(0, L, step)]
+    noise_parts = noised.noise_BL.split(sizes, dim=1) if noised.noise_BL is not None else [None] * len(sizes)
+    grad = torch.is_grad_enabled() and logits_BLV.requires_grad
+
+    def part(logits_part, x0_part, xt_part, noise_part):
+        return per_token(param, upcast(logits_part), x0_part, Noised(xt_part, noise_part), alpha_B1, dalpha_B1)
+
+    outs = []
+    for args in zip(logits_BLV.split(sizes, dim=1), x0_BL.split(sizes, dim=1), noised.xt_BL.split(sizes, dim=1),
+                    noise_parts):
+        if grad:
+            outs.append(torch.utils.checkpoint.checkpoint(part, *args, use_reentrant=False,
+                                                          preserve_rng_state=False))
+        else:
+            outs.append(part(*args))
+    return torch.cat(outs, dim=1)
 
 
 class LossOutput(NamedTuple):
@@ -61,21 +110,31 @@ class DiffusionObjective:
     """
 
     def __init__(self, schedule: Schedule, process: ForwardProcess, parameterization: Parameterization,
-                 loss: DiffusionLoss, nelbo_loss: DiffusionLoss | None = None) -> None:
+                 loss: DiffusionLoss, nelbo_loss: DiffusionLoss | None = None,
+                 chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.schedule, self.process, self.parameterization, self.loss = schedule, process, parameterization, loss
         self.nelbo_loss = nelbo_loss if nelbo_loss is not None else nelbo_loss_for(loss, process)
+        self.chunk_elements = int(chunk_elements)
+        """Logits entries above which the loss runs in checkpointed position slices (module docstring)."""
+
+    def _per_token(self, loss: DiffusionLoss, args: tuple) -> Tensor:
+        """``loss.per_token(*args)``, in position slices when the logits exceed ``chunk_elements``."""
+        logits_BLV = args[1]
+        if logits_BLV.numel() <= self.chunk_elements:
+            return loss.per_token(args[0], upcast(logits_BLV), *args[2:])
+        return chunked_per_token(loss.per_token, *args, slice_elements=min(SLICE_ELEMENTS, self.chunk_elements))
 
     def _forward(self, network: Callable, x0_BL: Tensor, t_B: Tensor, generator: torch.Generator | None,
                  doc_ids_BL: Tensor | None = None):
-        """Corrupt ``x0_BL`` at times ``t_B`` and call the network -> the loss arguments (fp32 logits).
+        """Corrupt ``x0_BL`` at times ``t_B`` and call the network -> the loss arguments (the network's
+        logits as they come, e.g. bf16: :meth:`_per_token` upcasts them, per slice when chunked).
 
         ``doc_ids_BL`` (optional ``[B, L]``) is handed to the network as the keyword ``doc_ids_BL``."""
         t_B = t_B.to(device=x0_BL.device, dtype=torch.float64 if t_B.dtype == torch.float64 else torch.float32)
         alpha_B, dalpha_B = self.schedule.alpha(t_B)
         alpha_B1, dalpha_B1 = alpha_B.unsqueeze(-1), dalpha_B.unsqueeze(-1)
         noised = self.process.corrupt(x0_BL, alpha_B1, generator)
-        logits_BLV = upcast(network(noised.xt_BL, self.schedule.sigma(t_B), noised.noise_BL,
-                                    **_doc_kwargs(doc_ids_BL, x0_BL)))
+        logits_BLV = network(noised.xt_BL, self.schedule.sigma(t_B), noised.noise_BL, **_doc_kwargs(doc_ids_BL, x0_BL))
         return (self.parameterization, logits_BLV, x0_BL, noised, alpha_B1, dalpha_B1)
 
     def __call__(self, network: Callable, x0_BL: Tensor, valid_BL: Tensor, t_B: Tensor,
@@ -84,12 +143,12 @@ class DiffusionObjective:
 
         ``doc_ids_BL``: optional per-token document ids ``[B, L]`` for a document attention mask."""
         args = self._forward(network, x0_BL, t_B, generator, doc_ids_BL)
-        per_token_BL = self.loss.per_token(*args)
+        per_token_BL = self._per_token(self.loss, args)
         if self.nelbo_loss is self.loss:
             nelbo_BL = per_token_BL.detach()
         else:
             with torch.no_grad():
-                nelbo_BL = self.nelbo_loss.per_token(*args)
+                nelbo_BL = self._per_token(self.nelbo_loss, args)
         return _reduce(per_token_BL, nelbo_BL, valid_BL)
 
     def per_token_nelbo(self, network: Callable, x0_BL: Tensor, t_B: Tensor,
@@ -97,7 +156,7 @@ class DiffusionObjective:
         """The NELBO integrand ``[B, L]`` at times ``t_B`` (for evaluation; padding is not masked).
 
         ``doc_ids_BL``: optional per-token document ids ``[B, L]`` for a document attention mask."""
-        return self.nelbo_loss.per_token(*self._forward(network, x0_BL, t_B, generator, doc_ids_BL))
+        return self._per_token(self.nelbo_loss, self._forward(network, x0_BL, t_B, generator, doc_ids_BL))
 
 
 class ARObjective:

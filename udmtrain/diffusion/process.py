@@ -251,25 +251,15 @@ class AbsorbingUniformProcess(ForwardProcess):
 # position, and exact for the joint law as the number of steps grows (then at most one position changes
 # per step). ``categorical`` is imported inside the kernels: the samplers package imports this module.
 
-def add_keep(w_BLV: torch.Tensor, z_BL: torch.Tensor, weight_B1: torch.Tensor) -> torch.Tensor:
-    """``w + weight * e_{z}`` in place (the 'stay where you are' part of a kernel), float64 ``[B, L, V]``.
-
-    A scatter instead of a one-hot: at V = 50k a float64 one-hot would be one more ``[B, L, V]`` copy."""
-    keep_BL1 = weight_B1.to(torch.float64).expand(z_BL.shape)[..., None].contiguous()
-    return w_BLV.scatter_add_(-1, z_BL[..., None], keep_BL1)
-
-
 def mdlm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, mask_id: int, generator) -> torch.Tensor:
     """MDLM ancestral update (SPEC 5.4): ``z_s ~ Cat((a_s - a_t) x̂ + (1 - a_s) e_{z_t})`` at masked
-    positions (the weights sum to ``1 - a_t``; Gumbel-argmax needs no normalisation); clean tokens
-    are frozen whatever the prediction says. The mask column of ``x̂`` is ignored."""
+    positions (the weights sum to ``1 - a_t``; the draw needs no normalisation); clean tokens are
+    frozen whatever the prediction says. The mask column of ``x̂`` is ignored."""
     from udmtrain.diffusion.samplers import categorical as cat
 
-    x0 = den_probs_BLV.to(torch.float64)
-    w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * x0
-    w[..., mask_id] = 0.0
-    w = add_keep(w, z_BL, 1 - alpha_s_B1)
-    z_s = cat.sample_from_probs(w, generator)
+    a_t, a_s = alpha_t_B1.to(torch.float64), alpha_s_B1.to(torch.float64)
+    z_s = cat.sample_mixture(generator, dense_BLV=cat.drop_state(den_probs_BLV, mask_id), dense_weight=a_s - a_t,
+                             atoms=[(z_BL, 1 - a_s)])
     return torch.where(z_BL == mask_id, z_s, z_BL)
 
 
@@ -278,12 +268,17 @@ def uniform_plugin_step(loo_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) 
 
     Must be fed the LOO (SPEC 10.8): by linearity of ``N``, ``N(Lo)/Z(Lo) = sum_v D(v) q(z_s | z_t, v)``,
     the exact posterior mixture of bridges; plugging ``D`` double-counts the own token.
+    ``N = (a_s - a_t) x̂ + (a_s - a_t)(1 - a_s)/(V a_s) 1 + (V a_t x̂(z) + a_t/a_s - a_t) e_z`` (the
+    terms of ``functional.uniform_bridge``) is drawn as that mixture, without forming it.
     """
     from udmtrain.diffusion.samplers import categorical as cat
 
-    p = loo_probs_BLV.to(torch.float64)
-    probs = F.uniform_bridge(p, z_BL, alpha_t_B1.to(p.dtype), alpha_s_B1.to(p.dtype))
-    return cat.sample_from_probs(probs, generator)
+    V = loo_probs_BLV.shape[-1]
+    a_t, a_s = alpha_t_B1.to(torch.float64), alpha_s_B1.to(torch.float64)
+    x_z_BL = loo_probs_BLV.gather(-1, z_BL[..., None]).squeeze(-1).to(torch.float64)
+    return cat.sample_mixture(generator, dense_BLV=loo_probs_BLV, dense_weight=a_s - a_t,
+                              atoms=[(z_BL, V * a_t * x_z_BL + a_t / a_s - a_t)],
+                              uniform_weight=(a_s - a_t) * (1 - a_s) / (V * a_s), num_states=V)
 
 
 def audm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
@@ -295,9 +290,8 @@ def audm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) 
     """
     from udmtrain.diffusion.samplers import categorical as cat
 
-    w = (alpha_s_B1 - alpha_t_B1).to(torch.float64)[..., None] * den_probs_BLV.to(torch.float64)
-    w = add_keep(w, z_BL, 1 - alpha_s_B1)
-    z_s = cat.sample_from_probs(w, generator)
+    a_t, a_s = alpha_t_B1.to(torch.float64), alpha_s_B1.to(torch.float64)
+    z_s = cat.sample_mixture(generator, dense_BLV=den_probs_BLV, dense_weight=a_s - a_t, atoms=[(z_BL, 1 - a_s)])
     return torch.where(z_BL == noise_BL, z_s, z_BL)
 
 

@@ -237,8 +237,10 @@ def step(engine) -> float | None:
     boundary = engine.is_gradient_accumulation_boundary()
     own_norm = None
     if boundary and engine.zero_optimization_stage() == 0:
-        sq = [p.grad.detach().double().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
-        own_norm = float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+        # one fused per-tensor norm kernel (no float64 copy of every gradient), combined in float64
+        grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+        norms = [n.double() for n in torch._foreach_norm(grads)]  # per tensor; dtypes may differ
+        own_norm = float(torch.stack(norms).pow(2).sum().sqrt()) if norms else 0.0
     engine.step()
     if not boundary:
         return None

@@ -95,8 +95,10 @@ class DiTBlock(nn.Module):
     def forward(self, x_BLD: torch.Tensor, c_BC: torch.Tensor, doc_ids_BL: torch.Tensor | None) -> torch.Tensor:
         """``x + g_a Drop(Attn(mod(LN x))) ``, then ``+ g_m Drop(MLP(mod(LN x)))``; [B, L, D] -> [B, L, D]."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN(c_BC)[:, None, :].chunk(6, dim=-1)
-        x_BLD = x_BLD + gate_a * self.dropout(self.attn(modulate(self.norm1(x_BLD), shift_a, scale_a), doc_ids_BL))
-        return x_BLD + gate_m * self.dropout(self.mlp(modulate(self.norm2(x_BLD), shift_m, scale_m)))
+        # addcmul: the gated residual update in one pass (the same x + gate * f, fused)
+        x_BLD = torch.addcmul(x_BLD, gate_a, self.dropout(self.attn(modulate(self.norm1(x_BLD), shift_a, scale_a),
+                                                                    doc_ids_BL)))
+        return torch.addcmul(x_BLD, gate_m, self.dropout(self.mlp(modulate(self.norm2(x_BLD), shift_m, scale_m))))
 
 
 class FinalLayer(nn.Module):

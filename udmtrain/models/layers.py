@@ -88,8 +88,9 @@ class LayerNorm(nn.Module):
 
 
 def modulate(x_BLD: torch.Tensor, shift_B1D: torch.Tensor, scale_B1D: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation ``x (1 + scale) + shift`` (broadcast over positions)."""
-    return x_BLD * (1 + scale_B1D) + shift_B1D
+    """adaLN modulation ``x (1 + scale) + shift`` (broadcast over positions), one fused ``addcmul``
+    pass over ``[B, L, D]`` instead of a multiply and an add."""
+    return torch.addcmul(shift_B1D, x_BLD, 1 + scale_B1D)
 
 
 def timestep_features(sigma_B: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
@@ -155,13 +156,19 @@ class Rotary(nn.Module):
 
     @staticmethod
     def rotate(x_BLHK: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x_BLHK`` by position (fp32 math, result in ``x``'s dtype)."""
+        """Rotate ``x_BLHK`` by position (fp32 math, result in ``x``'s dtype).
+
+        ``x cos + rotate_half(x) sin`` without materialising ``rotate_half(x)`` (no ``neg``/``cat``
+        copies): the halves of ``x cos`` are updated in place, ``-= x_2 sin_1`` and ``+= x_1 sin_2``.
+        """
         with _no_autocast(x_BLHK.device):
             x = x_BLHK.float()
             half = x.shape[-1] // 2
-            rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
             cos, sin = cos_LK[None, :, None, :], sin_LK[None, :, None, :]
-            return (x * cos + rotated * sin).to(x_BLHK.dtype)
+            out = x * cos
+            out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+            out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+            return out.to(x_BLHK.dtype)
 
 
 class MLP(nn.Module):

@@ -18,7 +18,6 @@ from typing import ClassVar
 
 import torch
 
-from udmtrain.diffusion.process import add_keep
 from udmtrain.diffusion.samplers import categorical as cat
 from udmtrain.diffusion.samplers.base import Sampler, SamplingRun
 from udmtrain.registry import SAMPLER
@@ -26,10 +25,9 @@ from udmtrain.registry import SAMPLER
 
 def max_coupling_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
     """Max-coupling kernel (SPEC 3.3, 5.4): ``z_s ~ Cat((a_s-a_t)/(1-a_t) D + (1-a_s)/(1-a_t) e_{z_t})``."""
-    one_minus_t = (1 - alpha_t_B1).to(torch.float64)
-    w = ((alpha_s_B1 - alpha_t_B1) / one_minus_t)[..., None] * den_probs_BLV.to(torch.float64)
-    w = add_keep(w, z_BL, (1 - alpha_s_B1) / one_minus_t)
-    return cat.sample_from_probs(w, generator)
+    a_t, a_s = alpha_t_B1.to(torch.float64), alpha_s_B1.to(torch.float64)
+    return cat.sample_mixture(generator, dense_BLV=den_probs_BLV, dense_weight=(a_s - a_t) / (1 - a_t),
+                              atoms=[(z_BL, (1 - a_s) / (1 - a_t))])
 
 
 @SAMPLER.register("ancestral")

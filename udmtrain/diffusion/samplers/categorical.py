@@ -1,15 +1,27 @@
 """Categorical draws, temperature and nucleus helpers shared by every sampler.
 
 Shape legend: ``B`` batch, ``L`` sequence length, ``V`` states per position (``num_states``), ``K``
-selected sites. All random numbers come from an explicit ``torch.Generator`` (SPEC 10.3: the global
-RNG makes ``generator_seed`` meaningless), drawn on the generator's device and moved where needed.
+selected sites. All random numbers come from an explicit ``torch.Generator`` (docs/theory.md §10:
+the global RNG makes ``generator_seed`` meaningless), drawn on the generator's device and moved
+where needed.
 
-Categorical sampling is float64 Gumbel-argmax (SPEC 0 "Precision", Appendix A): with float32 uniforms
-the Gumbel tail is truncated at ``-log(-log(1 - 2^-24)) ~ 16.6``, which lowers the effective
-temperature of a 50k-way draw; float64 pushes the cut-off to ``~36.7``.
+Categorical draws are float64 inverse-CDF draws: ONE float64 uniform per position against the
+float64 running sum of the weights (``cumsum`` + ``searchsorted``), instead of V float64 Gumbel
+numbers per position. Why it is exact: let ``C_v = w_0 + ... + w_v`` (``C_{-1} = 0``) and
+``T = u C_{V-1}`` with ``u`` uniform on ``[0, 1)``; the draw is the ``v`` with ``C_{v-1} <= T < C_v``,
+so ``P(v) = (C_v - C_{v-1}) / C_{V-1} = w_v / sum w``. In floating point the only departures are
+the rounding of the sums (relative ``~V 2^-53``, far below what any sampling test can see) and the
+``2^-53`` grid of ``u``; a state of weight exactly 0 has ``C_v = C_{v-1}`` (adding 0 is exact), so
+it is never drawn, and a tail state keeps its mass down to ``2^-53`` of the total, where float64
+Gumbel-argmax truncated the Gumbel tail at ``~36.7``. The reverse kernels are mixtures
+``a x + b e_z + c 1`` of a dense prediction ``x``, point masses and the uniform law:
+:func:`sample_mixture` draws the component and the state with the same uniform, so the dense
+weights are never scaled, shifted or copied (one pass over ``[B, L, V]``: the float64 ``cumsum``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -32,22 +44,122 @@ def gumbel(shape, generator: torch.Generator, device=None) -> torch.Tensor:
     return -torch.log(-torch.log(uniform01(shape, generator, device)))
 
 
-def sample_categorical(logp_BLV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw ``argmax_v (log p(v) + g_v)`` per row -> LongTensor ``[B, L]``.
+def _uniform_BL(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """float64 uniforms on ``[0, 1)`` of ``shape`` (the inverse-CDF draws need no clamping)."""
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64).to(device)
 
-    ``logp_BLV`` may be un-normalised log-weights (Gumbel-argmax is invariant to a per-row shift) and
-    may hold ``-inf`` for impossible states; it is promoted to float64 before adding the noise.
-    """
-    g = gumbel(logp_BLV.shape, generator, logp_BLV.device)
-    return torch.argmax(logp_BLV.to(torch.float64) + g, dim=-1)
+
+def _search(cum_BLV: torch.Tensor, target_BL: torch.Tensor) -> torch.Tensor:
+    """Index ``v`` with ``C_{v-1} <= target < C_v`` per row -> ``[B, L]``, never past the last state
+    of positive weight (``target`` may round up to the total)."""
+    idx = torch.searchsorted(cum_BLV, target_BL.unsqueeze(-1), right=True)
+    last = torch.searchsorted(cum_BLV, cum_BLV[..., -1:].contiguous(), right=False)  # first v: C_v = total
+    return torch.minimum(idx, last).squeeze(-1)
+
+
+def _fix_zero_weight(idx_BL: torch.Tensor, w_BLV: torch.Tensor, used_BL: torch.Tensor) -> torch.Tensor:
+    """Guard against a zero-weight pick at the rows ``used_BL``. Impossible with a sequential float64
+    ``cumsum`` (CPU), where ``C_v = C_{v-1} + 0`` is exact; a parallel scan (CUDA) may round two equal
+    prefixes one ulp apart, which would give a zero-weight state ``~1e-16`` of the mass: such rows
+    take their argmax instead (a ``[B, L]`` gather per step; the argmax only when it happens)."""
+    bad = (w_BLV.gather(-1, idx_BL.unsqueeze(-1)).squeeze(-1) <= 0) & used_BL
+    if bool(bad.any()):
+        idx_BL = torch.where(bad, w_BLV.argmax(-1), idx_BL)
+    return idx_BL
 
 
 def sample_from_probs(probs_BLV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Categorical draw from (possibly un-normalised, non-negative) weights -> ``[B, L]``.
+    """Categorical draw from non-negative, possibly un-normalised weights ``[B, L, V]`` -> ``[B, L]``.
 
-    Same Gumbel-argmax as :func:`sample_categorical` on ``log(probs)`` (``log 0 = -inf``).
+    Exact float64 inverse CDF (module docstring): ``P(v) = w_v / sum_v w_v``; zero weights are never
+    drawn. ``probs_BLV`` may be float32 (the running sum is accumulated in float64 either way) and is
+    not modified.
     """
-    return sample_categorical(torch.log(probs_BLV.to(torch.float64)), generator)
+    return sample_mixture(generator, dense_BLV=probs_BLV)
+
+
+def drop_state(probs_BLV: torch.Tensor, state: int) -> torch.Tensor:
+    """``probs_BLV`` with state ``state`` given weight 0, for :func:`sample_mixture` / :func:`sample_from_probs`.
+
+    The last state (the masked process's mask id) is dropped by a view of the first ``V - 1`` columns
+    (no copy; the draws are the same indices); any other state by an out-of-place ``index_fill``.
+    """
+    V = probs_BLV.shape[-1]
+    if state == V - 1:
+        return probs_BLV[..., : V - 1]
+    return probs_BLV.index_fill(-1, torch.tensor([state], device=probs_BLV.device), 0.0)
+
+
+def sample_categorical(logp_BLV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw ``v ~ softmax(logp)`` per row -> LongTensor ``[B, L]``.
+
+    ``logp_BLV`` may be un-normalised log-weights (a per-row shift changes nothing) and may hold
+    ``-inf`` for impossible states. The weights ``exp(logp - max)`` are formed in float64 (no underflow
+    above ``e^-745`` of the row maximum) and drawn with :func:`sample_from_probs`.
+    """
+    w = logp_BLV.to(torch.float64, copy=True)
+    w.sub_(w.amax(-1, keepdim=True)).exp_()
+    return sample_from_probs(w, generator)
+
+
+def sample_mixture(generator: torch.Generator, *, dense_BLV: torch.Tensor | None = None, dense_weight=1.0,
+                   atoms: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), uniform_weight=None,
+                   num_states: int | None = None) -> torch.Tensor:
+    """One draw per position from ``w = a x + sum_k b_k e_{i_k} + c 1_V`` (un-normalised) -> ``[B, L]``.
+
+    * ``dense_BLV``: ``x``, non-negative ``[B, L, V]`` weights (any float dtype, not modified, need not
+      sum to 1) with ``dense_weight`` ``a`` (float, ``[B, 1]`` or ``[B, L]``; >= 0);
+    * ``atoms``: point masses ``(i_BL, b)``: LongTensor ``[B, L]`` state and weight ``b >= 0`` (float,
+      ``[B, 1]`` or ``[B, L]``);
+    * ``uniform_weight``: ``c >= 0``, the same weight on each of the ``num_states`` states.
+
+    Exact (module docstring): with masses ``m_k`` (``b_k``, ``c V``, ``a sum x`` in that order) and one
+    uniform ``T = u sum m``, the component is the ``k`` with ``M_{k-1} <= T < M_k`` (``M`` the running
+    sum of the masses), chosen with probability ``m_k / sum m``; given it, ``T - M_{k-1}`` is uniform on
+    ``[0, m_k)``, which picks the state inside the component: the atom itself, ``floor((T - M) / c)``
+    for the uniform law, and the inverse CDF of ``x`` at ``(T - M) / a`` for the dense part. Together
+    ``P(v) = w_v / sum w``. Components of mass 0 are never chosen (empty interval).
+    """
+    ref = dense_BLV if dense_BLV is not None else atoms[0][0]
+    shape, device = tuple(ref.shape[:2]), ref.device
+    f64 = dict(dtype=torch.float64, device=device)
+
+    def mass(value) -> torch.Tensor:  # float / [B, 1] / [B, L] -> float64 [B, L]
+        return torch.as_tensor(value, device=device).to(**f64).expand(shape)
+
+    u = _uniform_BL(shape, generator, device)
+    masses = [mass(b) for _, b in atoms]
+    states = [i for i, _ in atoms]
+    if uniform_weight is not None:
+        V = int(num_states if num_states is not None else dense_BLV.shape[-1])
+        c = mass(uniform_weight)
+        masses.append(c * V)
+    cum = None
+    if dense_BLV is not None:
+        cum = torch.cumsum(dense_BLV, dim=-1, dtype=torch.float64)
+        a = mass(dense_weight)
+        masses.append(a * cum[..., -1])
+    bounds = torch.stack(masses, dim=-1).cumsum(-1)  # M_k, [B, L, K]
+    target = u * bounds[..., -1]  # < M_last (u <= 1 - 2^-53 and round-to-nearest)
+    comp = torch.searchsorted(bounds, target.unsqueeze(-1), right=True).squeeze(-1)
+    comp = comp.clamp_max_(bounds.shape[-1] - 1)
+    lower = torch.cat([torch.zeros_like(bounds[..., :1]), bounds[..., :-1]], dim=-1)
+    rest = (target - lower.gather(-1, comp.unsqueeze(-1)).squeeze(-1)).clamp_min_(0.0)  # in [0, m_comp)
+    out = torch.zeros(shape, dtype=torch.long, device=device)
+    k = 0
+    for i_BL in states:
+        out = torch.where(comp == k, i_BL.to(device), out)
+        k += 1
+    if uniform_weight is not None:
+        pick = torch.floor(rest / torch.where(c > 0, c, torch.ones_like(c))).long().clamp_(0, V - 1)
+        out = torch.where(comp == k, pick, out)
+        k += 1
+    if cum is not None:
+        safe_a = torch.where(a > 0, a, torch.ones_like(a))
+        chosen = comp == k
+        pick = _fix_zero_weight(_search(cum, rest / safe_a), dense_BLV, chosen)
+        out = torch.where(chosen, pick, out)
+    return out
 
 
 def bernoulli(prob: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

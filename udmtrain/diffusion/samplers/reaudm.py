@@ -25,13 +25,14 @@ from udmtrain.registry import SAMPLER
 def reaudm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ReAUDM step -> ``(z_s, n_s)``, both LongTensor ``[B, L]`` (SPEC 4, steps 1-3)."""
-    from udmtrain.diffusion import functional as F
-
     V = den_probs_BLV.shape[-1]
     x_tilde = cat.sample_from_probs(den_probs_BLV, generator)
-    onehot = torch.nn.functional.one_hot(x_tilde, V).to(torch.float64)
-    bridge = F.uniform_bridge(onehot, z_BL, alpha_t_B1.to(torch.float64), alpha_s_B1.to(torch.float64))
-    z_s = cat.sample_from_probs(bridge, generator)
+    # the exact uniform bridge from x~ (functional.uniform_bridge of the one-hot e_{x~}) as a mixture of
+    # two point masses and the uniform law: no [B, L, V] one-hot
+    a_t, a_s = alpha_t_B1.to(torch.float64), alpha_s_B1.to(torch.float64)
+    own = V * a_t * (x_tilde == z_BL).to(torch.float64) + a_t / a_s - a_t
+    z_s = cat.sample_mixture(generator, atoms=[(x_tilde, a_s - a_t), (z_BL, own)],
+                             uniform_weight=(a_s - a_t) * (1 - a_s) / (V * a_s), num_states=V)
     a_s = alpha_s_B1.to(torch.float64).expand_as(z_BL)
     keep = cat.bernoulli(1.0 / (1.0 + (V - 1) * a_s), generator)
     # uniform on V \ {z_s}: draw r in [0, V-2] and skip z_s

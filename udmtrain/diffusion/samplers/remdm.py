@@ -27,9 +27,7 @@ from udmtrain.registry import SAMPLER
 def remdm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, remask_B1, mask_id: int, generator) -> torch.Tensor:
     """One ReMDM step (SPEC 5.4) -> ``z_s`` ``[B, L]``; the remasking probability ``remask_B1`` must be
     ``<= r_max``."""
-    x0 = den_probs_BLV.to(torch.float64).clone()
-    x0[..., mask_id] = 0.0
-    x_tilde = cat.sample_from_probs(x0, generator)
+    x_tilde = cat.sample_from_probs(cat.drop_state(den_probs_BLV, mask_id), generator)
     x_tilde = torch.where(z_BL == mask_id, x_tilde, z_BL)  # carry-over whatever the net says
     a_t, a_s, sig = (v.to(torch.float64) for v in (alpha_t_B1, alpha_s_B1, remask_B1))
     p_stay_BL = ((1 - a_s - sig * a_t) / (1 - a_t)).clamp(0.0, 1.0).expand_as(z_BL)
