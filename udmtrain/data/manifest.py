@@ -10,7 +10,9 @@ Layout (``format_version`` 1)::
                 "valid": {...}},
      "tokens_per_second": ...}
 
-``num_tokens`` counts non-padding positions (BOS/EOS included).
+``num_tokens`` counts non-padding positions (BOS/EOS included). Shards of prompt-conditioned
+samples (``prepare_prompted``) add ``"prompt": true``, ``"packing": "none"`` and per split
+``num_prompt_tokens``; their samples carry a ``prompt.npy`` mask.
 """
 
 from __future__ import annotations

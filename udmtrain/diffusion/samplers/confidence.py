@@ -5,6 +5,7 @@ Shape legend: ``B`` batch, ``L`` length, ``V`` states; ``score_BL`` float64 marg
 Each of the ``num_steps`` steps makes one network call at the grid time t, takes the model's denoiser
 ``D`` (tempered per ``temperature_on``; the nucleus never changes an argmax), scores every position by
 the margin ``max_v log D(v) - log D(z^l)`` (>= 0) and sets the ``k = ceil(L / num_steps)`` positions
+(L: free positions, i.e. not prompt/prefix)
 with the LARGEST margin to ``argmax_v D``. Largest, as the reference code does (its docstring says
 "lowest confidence"; SPEC 10.14): the positions where the current token is least supported by the
 model are fixed first. A masked (or mask-suppressed) current token has ``log D = -inf``; it is clamped
@@ -41,7 +42,7 @@ class ConfidenceSampler(Sampler):
 
     def generate(self, run: SamplingRun) -> None:
         """Greedy updates at t = 1, 1 - 1/n, ..., 1/n; the prefix is never selected."""
-        L = run.z_BL.shape[1]
+        L = int(run.free_BL.sum(-1).max())  # free positions: a prompt is never chosen, so k spreads the rest
         k = min(L, math.ceil(L / self.cfg.num_steps))
         times = self.time_grid(self.cfg.num_steps)
         for t in times[:-1]:
