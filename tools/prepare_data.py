@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sudoku(args: argparse.Namespace, command: str) -> dict:
     """Generate or read the puzzles, split them and write the prompt-conditioned shards."""
-    from udmtrain.data import sudoku
+    from udmtrain.data import sudoku, sudoku_sets
     from udmtrain.data.prepare import prepare_prompted
 
     if not 0.0 < args.valid_fraction < 1.0:
@@ -71,7 +71,7 @@ def _sudoku(args: argparse.Namespace, command: str) -> dict:
         if not args.num_puzzles or args.num_puzzles < 2:
             raise DataError("--source sudoku needs --num-puzzles N (N >= 2)")
         sudoku.make_puzzle(args.seed, 0, args.min_clues, args.max_clues)  # checks the clue bounds early
-        puzzles = sudoku.generate(args.seed, 0, args.num_puzzles, args.min_clues, args.max_clues,
+        puzzles = sudoku_sets.generate(args.seed, 0, args.num_puzzles, args.min_clues, args.max_clues,
                                   args.num_workers, progress=not args.no_progress)
         source = {"kind": "sudoku", "seed": args.seed, "num_puzzles": args.num_puzzles,
                   "min_clues": args.min_clues, "max_clues": args.max_clues,
@@ -87,7 +87,7 @@ def _sudoku(args: argparse.Namespace, command: str) -> dict:
         puzzles, total = iter(puzzles_list), len(puzzles_list)
         source = {"kind": "csv", "input": path, "sha256": sha256_of_files([path]), "limit": args.num_puzzles}
     num_valid = max(1, round(total * args.valid_fraction))
-    train, valid, dropped = sudoku.split_puzzles(puzzles, num_valid)
+    train, valid, dropped = sudoku_sets.split_puzzles(puzzles, num_valid)
     source["valid_fraction"] = args.valid_fraction
     source["dropped_duplicates_of_valid"] = dropped
     splits = {"train": (sudoku.encode_pair(p) for p in train), "valid": (sudoku.encode_pair(p) for p in valid)}

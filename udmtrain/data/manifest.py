@@ -119,6 +119,8 @@ def _tokenizer_name(expected: Any) -> tuple[str, str | None]:
     if hasattr(expected, "name") and hasattr(expected, "cfg"):
         return expected.name, getattr(expected.cfg, "path", None)
     path = str(expected)
+    if path == "sudoku":
+        return "sudoku", None
     return ("sentencepiece" if path.endswith(".model") else "gpt2"), path
 
 

@@ -19,6 +19,7 @@ Aggregates (``summarize``) are means over puzzles; a rate ``p`` over ``n`` puzzl
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -88,8 +89,7 @@ def solve(sampler: Any, network: Callable, puzzles: Sequence[S.Puzzle], batch_si
         if progress and (now - last > 5.0 or len(outputs) == len(puzzles)):
             last, rate = now, len(outputs) / max(now - t0, 1e-9)
             print(f"sudoku: solved {len(outputs)}/{len(puzzles)} puzzles, {rate:.1f}/s, "
-                  f"ETA {(len(puzzles) - len(outputs)) / rate:.0f}s", flush=True,
-                  file=__import__("sys").stderr)
+                  f"ETA {(len(puzzles) - len(outputs)) / rate:.0f}s", flush=True, file=sys.stderr)
     return outputs, nfes
 
 
