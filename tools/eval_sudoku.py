@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                  for s in settings or []}
     except ValueError as err:
         raise inf.InferenceError(str(err)) from None
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     loaded = _load(args, overrides)
     source = args.data or loaded.cfg.data.valid_shards
     if not source:
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from udmtrain.eval.frontier import run_sweep
 
+    for spec in specs.values():  # every sampler setting must suit the run before the first one starts
+        inf.with_sampler(loaded, overrides + spec)
     stem = args.out[:-5] if args.out.endswith(".json") else args.out
     reports: list[dict] = []
 
