@@ -41,7 +41,7 @@ import torch
 
 from udmtrain.data.errors import DataError
 from udmtrain.data.manifest import load_manifest, manifest_path_for, verify_shard_set
-from udmtrain.data.shards import CorruptSample, assign, decode_sample, epoch_order, resolve_shards
+from udmtrain.data.shards import CorruptSample, assign, decode_prompt, decode_sample, epoch_order, resolve_shards
 from udmtrain.data.webdataset import iter_raw_samples
 
 log = logging.getLogger("udmtrain.data")
@@ -80,7 +80,7 @@ def _shard_samples(url: str, seq_len: int, on_corrupt: str, counter: list[int], 
             read += 1
             if decode:
                 try:
-                    raw["_arrays"] = decode_sample(raw, seq_len, vocab_size)
+                    raw["_arrays"] = (*decode_sample(raw, seq_len, vocab_size), decode_prompt(raw, seq_len))
                 except CorruptSample as err:
                     policy(err)
                     continue
@@ -143,10 +143,10 @@ class _TrainStream(torch.utils.data.IterableDataset):
             epoch, skip = epoch + 1, 0
 
     def _batches(self, worker: int) -> Iterator[dict[str, Any]]:
-        ids, docs, keys, reported = [], [], [], 0
+        ids, docs, prompts, keys, reported = [], [], [], [], 0
         for epoch, emitted, raw, counter in self._samples(worker):
             try:
-                arrays = decode_sample(raw, self.seq_len, self.vocab_size)
+                arrays = (*decode_sample(raw, self.seq_len, self.vocab_size), decode_prompt(raw, self.seq_len))
             except CorruptSample as err:
                 _CorruptPolicy(self.on_corrupt, raw.get("__url__", "?"))(err)
                 counter[0] += 1
@@ -154,13 +154,15 @@ class _TrainStream(torch.utils.data.IterableDataset):
             if arrays is not None:
                 ids.append(arrays[0])
                 docs.append(arrays[1])
+                prompts.append(arrays[2])
                 keys.append(raw["__key__"])
             if len(keys) == self.batch_size:
                 yield {"input_ids": torch.from_numpy(np.stack(ids)).long(),
                        "doc_ids": torch.from_numpy(np.stack(docs)).long(),
+                       "prompt": torch.from_numpy(np.stack(prompts)),
                        "sample_ids": keys, "_cursor": (worker, epoch, emitted), "_corrupt": counter[0] - reported}
                 reported = counter[0]
-                ids, docs, keys = [], [], []
+                ids, docs, prompts, keys = [], [], [], []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -214,7 +216,8 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        """The next batch ``{"input_ids", "valid", "doc_ids": LongTensor[B,L], "sample_ids": list[str]}``."""
+        """The next batch ``{"input_ids", "doc_ids": LongTensor[B,L], "valid", "prompt": BoolTensor[B,L],
+        "sample_ids": list[str]}`` (``prompt``: clean conditioning positions, all False without them)."""
         if self._it is None:
             self._start()
         batch = next(self._it)
@@ -280,17 +283,19 @@ class ValidLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def _batch(self, rows: list[tuple[np.ndarray, np.ndarray, str]]) -> dict[str, Any]:
+    def _batch(self, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> dict[str, Any]:
         n_pad = self.batch_size - len(rows)
         ids = [r[0] for r in rows] + [np.full(self.seq_len, self.pad_id, np.int32)] * n_pad
         docs = [r[1] for r in rows] + [np.full(self.seq_len, -1, np.int32)] * n_pad
+        prompts = [r[2] for r in rows] + [np.zeros(self.seq_len, bool)] * n_pad
         doc_ids = torch.from_numpy(np.stack(docs)).long()
         return {"input_ids": torch.from_numpy(np.stack(ids)).long(), "doc_ids": doc_ids,
-                "valid": doc_ids >= 0, "sample_ids": [r[2] for r in rows] + [""] * n_pad}
+                "valid": doc_ids >= 0, "prompt": torch.from_numpy(np.stack(prompts)),
+                "sample_ids": [r[-1] for r in rows] + [""] * n_pad}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         counter = [0]
-        rows: list[tuple[np.ndarray, np.ndarray, str]] = []
+        rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
         produced = 0
         for url in self.urls[self.rank::self.world_size]:
             expected = self.shard_samples[os.path.basename(url)]

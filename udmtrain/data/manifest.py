@@ -13,7 +13,8 @@ Layout (``format_version`` 1)::
 
 ``num_tokens`` counts non-padding positions (BOS/EOS included). ``bytes`` and ``sha256`` of each
 shard were added later; manifests without them still load (the size check is then skipped, with a
-warning).
+warning). Shards of prompt-conditioned samples (``prepare_prompted``) add ``"prompt": true``,
+``"packing": "none"`` and per split ``num_prompt_tokens``; their samples carry a ``prompt.npy`` mask.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def _tokenizer_name(expected: Any) -> tuple[str, str | None]:
     if hasattr(expected, "name") and hasattr(expected, "cfg"):
         return expected.name, getattr(expected.cfg, "path", None)
     path = str(expected)
+    if path == "sudoku":
+        return "sudoku", None
     return ("sentencepiece" if path.endswith(".model") else "gpt2"), path
 
 

@@ -6,6 +6,9 @@ complete, then its sidecar ``{split}-{k:06d}.json`` (samples, tokens, and the ex
 after its last token) is written the same way. A re-run skips every shard that has its sidecar and
 resumes packing at the recorded position (documents before it are read but not tokenized), so an
 interrupted run produces byte-identical shards. A directory built with other settings is refused.
+
+:func:`prepare_prompted` writes ready-made fixed-length samples with a per-token prompt mask instead
+(e.g. Sudoku: puzzle + separator are the prompt); their manifest says ``"prompt": true``.
 """
 
 from __future__ import annotations
@@ -272,3 +275,89 @@ def _publish(work: str, out: str) -> None:
     for name in names:
         os.replace(os.path.join(work, name), os.path.join(out, name))
     os.rmdir(work)
+# ---------------------------------------------------------------------------- prompt-conditioned samples
+def prepare_prompted(splits: dict[str, Iterator[tuple[Any, Any]]], tokenizer_spec: str, seq_len: int, out: str,
+                     source: dict[str, Any], samples_per_shard: int = 1024, overwrite: bool = False,
+                     command: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Write fixed-length samples with a prompt mask as shards + ``manifest.json`` (``"prompt": true``).
+
+    ``splits`` maps a split name to an iterator of ``(input_ids int [seq_len], prompt bool [seq_len])``
+    (one sample per item, no packing; doc id = the sample's index in its split). Each shard is written
+    into ``<out>.partial/``, published into ``out`` only when complete (like :func:`prepare`); a directory
+    with the same settings and a finished manifest is left as it is (re-running is a no-op); other
+    settings are refused unless ``overwrite``.
+    """
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard must be positive, got {samples_per_shard}")
+    tokenizer = load_tokenizer(tokenizer_spec)
+    identity = tokenizer.identity()
+    config = {"source": source, "tokenizer_sha256": identity["sha256"], "tokenizer_name": identity["name"],
+              "seq_len": seq_len, "packing": "none", "samples_per_shard": samples_per_shard, "prompt": True}
+    out = os.path.normpath(out)
+    if os.path.isfile(os.path.join(out, CONFIG_NAME)) and not overwrite:
+        _check_config(out, config, False)
+        if os.path.isfile(os.path.join(out, MANIFEST_NAME)):
+            return _read_json(os.path.join(out, MANIFEST_NAME))
+    # built in <out>.partial/ and published only when complete, like prepare()
+    work = out + ".partial"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    _check_config(work, config, False)
+    try:
+        manifest = _write_prompted(splits, tokenizer, identity, work, seq_len, samples_per_shard, source,
+                                   command, progress)
+    except DataError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _publish(work, out)
+    return manifest
+
+
+def _write_prompted(splits, tokenizer, identity, out, seq_len, samples_per_shard, source, command,
+                    progress) -> dict[str, Any]:
+    """The shards and manifest of :func:`prepare_prompted`, written into ``out`` (its work directory)."""
+    import numpy as np
+
+    t0, records, total = time.perf_counter(), {}, 0
+    for split, items in splits.items():
+        shards, pending, count, prompt_tokens, last = [], [], 0, 0, time.perf_counter()
+
+        def flush() -> None:
+            name = shard_name(split, len(shards))
+            write_tar(os.path.join(out, name + ".tmp"),
+                      ((f"{split}-{len(shards):06d}-{i:06d}", sample) for i, sample in enumerate(pending)))
+            os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+            shards.append({"name": name, "samples": len(pending), "tokens": len(pending) * seq_len,
+                           **_file_identity(os.path.join(out, name))})
+            pending.clear()
+
+        for ids, prompt in items:
+            ids, prompt = np.asarray(ids, dtype=np.int32), np.asarray(prompt, dtype=bool)
+            if ids.shape != (seq_len,) or prompt.shape != (seq_len,):
+                raise DataError(f"split {split!r} sample {count}: shapes {ids.shape}/{prompt.shape}, expected "
+                                f"[{seq_len}]")
+            if int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size:
+                raise DataError(f"split {split!r} sample {count}: token ids outside [0, {tokenizer.vocab_size})")
+            pending.append(encode_sample(ids, np.full(seq_len, count, np.int32), prompt))
+            count += 1
+            prompt_tokens += int(prompt.sum())
+            if len(pending) == samples_per_shard:
+                flush()
+            if progress and time.perf_counter() - last > 5.0:
+                last = time.perf_counter()
+                print(f"{split}: {count} samples, {count / (last - t0):.0f}/s", file=sys.stderr, flush=True)
+        if pending:
+            flush()
+        if not count:
+            raise DataError(f"split {split!r} got no samples; give more input or raise --valid-fraction")
+        records[split] = {"num_shards": len(shards), "num_samples": count, "num_tokens": count * seq_len,
+                          "num_prompt_tokens": prompt_tokens, "num_documents": count, "shards": shards,
+                          "stats": {}}
+        total += count
+    seconds = time.perf_counter() - t0
+    manifest = {"format_version": FORMAT_VERSION, "command": command, "source": source, "tokenizer": identity,
+                "vocab_size": tokenizer.vocab_size, "seq_len": seq_len, "packing": "none", "prompt": True,
+                "samples_per_shard": samples_per_shard, "splits": records,
+                "samples_per_second": round(total / seconds, 1) if seconds > 0 else None}
+    write_manifest(out, manifest)
+    return manifest

@@ -126,12 +126,16 @@ def assign(order: list[int], rank: int, world_size: int, worker: int, num_worker
     return order[rank::world_size][worker::num_workers]
 
 
-def encode_sample(input_ids: np.ndarray, doc_ids: np.ndarray) -> dict[str, bytes]:
-    """``{"input_ids.npy", "doc_ids.npy"}`` bytes of one packed sample (int32 arrays)."""
+def encode_sample(input_ids: np.ndarray, doc_ids: np.ndarray, prompt: np.ndarray | None = None) -> dict[str, bytes]:
+    """``{"input_ids.npy", "doc_ids.npy"}`` bytes of one packed sample (int32 arrays), plus
+    ``"prompt.npy"`` (bool ``[seq_len]``, True = a clean conditioning position) when ``prompt`` is given."""
     out = {}
-    for name, arr in (("input_ids.npy", input_ids), ("doc_ids.npy", doc_ids)):
+    fields = [("input_ids.npy", input_ids, np.int32), ("doc_ids.npy", doc_ids, np.int32)]
+    if prompt is not None:
+        fields.append(("prompt.npy", prompt, np.bool_))
+    for name, arr, dtype in fields:
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr, dtype=np.int32), allow_pickle=False)
+        np.save(buf, np.ascontiguousarray(arr, dtype=dtype), allow_pickle=False)
         out[name] = buf.getvalue()
     return out
 
@@ -164,3 +168,18 @@ def decode_sample(raw: dict[str, Any], seq_len: int, vocab_size: int | None = No
         raise CorruptSample(f"sample {raw.get('__key__')!r} holds token id {bad} outside the vocabulary "
                             f"[0, {vocab_size}) of the manifest's tokenizer")
     return ids, arrays[1]
+
+
+def decode_prompt(raw: dict[str, Any], seq_len: int) -> np.ndarray:
+    """The bool ``[seq_len]`` prompt mask of a raw sample (all False when it has no ``prompt.npy``);
+    :class:`CorruptSample` when the field is malformed."""
+    if "prompt.npy" not in raw:
+        return np.zeros(seq_len, dtype=bool)
+    try:
+        arr = np.load(io.BytesIO(raw["prompt.npy"]), allow_pickle=False)
+    except Exception as err:
+        raise CorruptSample(f"sample {raw.get('__key__')!r}: prompt.npy is not a valid .npy ({err})") from None
+    if arr.shape != (seq_len,) or arr.dtype.kind not in "biu":
+        raise CorruptSample(f"sample {raw.get('__key__')!r}: prompt.npy has shape {arr.shape} dtype {arr.dtype}, "
+                            f"expected bool [{seq_len}]")
+    return arr.astype(bool, copy=False)

@@ -372,12 +372,53 @@ class HFTokenizer(Tokenizer):
         return f"hf:{self.path}"
 
 
+@TOKENIZER.register("sudoku")
+class SudokuTokenizer(Tokenizer):
+    """The fixed Sudoku vocabulary (V = 13): digits 0-9 are ids 0-9 (0 = blank cell), then PAD = 10,
+    SEP = 11 (between puzzle and solution, text ``|``) and END = 12 (BOS = EOS = END). Text is the
+    digits with ``|`` for the separator; decode drops PAD/END and writes ``?`` for other ids."""
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config:
+        pass
+
+    SYMBOLS = "0123456789" + "\x00|\x01"  # id -> character (PAD and END have no text)
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        from udmtrain.data import sudoku
+
+        self.name = "sudoku"
+        self.vocab_size = sudoku.VOCAB_SIZE
+        self.pad_id, self.sep_id, self.eos_id = sudoku.PAD_ID, sudoku.SEP_ID, sudoku.END_ID
+        self.bos_id = self.eos_id
+        self._ids = {ch: i for i, ch in enumerate(self.SYMBOLS) if ch.isdigit() or ch == "|"}
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[ch] for ch in text]
+        except KeyError as err:
+            raise DataError(f"sudoku tokenizer: character {err.args[0]!r} is not a digit or '|'") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.SYMBOLS[i] if i < 10 or i == self.sep_id else "?" for i in map(int, ids)
+                       if i not in (self.pad_id, self.eos_id))
+
+    def identity(self) -> dict[str, Any]:
+        sha = hashlib.sha256(json.dumps({"symbols": self.SYMBOLS, "pad": self.pad_id, "sep": self.sep_id,
+                                         "end": self.eos_id}).encode()).hexdigest()
+        return {"name": self.name, "path": None, "sha256": sha, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "sep_id": self.sep_id}
+
+    def spec(self) -> str:
+        return "sudoku"
+
+
 def load_tokenizer(spec: Any) -> Tokenizer:
     """Build a tokenizer from a CLI/recipe value.
 
     ``spec``: ``"gpt2"`` or a hub name / GPT-2 directory, a ``*.model`` sentencepiece path, ``ids:V``
-    (token ids as text, see ``IdsTokenizer``), ``hf:NAME_OR_DIR`` (any Hugging Face fast tokenizer), or
-    a recipe component (object with ``.name`` and ``.cfg``).
+    (token ids as text, see ``IdsTokenizer``), ``hf:NAME_OR_DIR`` (any Hugging Face fast tokenizer),
+    ``"sudoku"``, or a recipe component (object with ``.name`` and ``.cfg``).
     """
     if hasattr(spec, "name") and hasattr(spec, "cfg"):
         return TOKENIZER.build(spec.name, spec.cfg)
@@ -390,6 +431,8 @@ def load_tokenizer(spec: Any) -> Tokenizer:
             raise DataError(f"tokenizer {spec!r}: expected ids:V or ids:V:bos:eos:pad ({err})") from None
     if spec.startswith("hf:"):
         return HFTokenizer(HFTokenizer.Config(path=spec[len("hf:"):]))
+    if spec == "sudoku":
+        return SudokuTokenizer()
     if spec.endswith(".model"):
         return SentencePieceTokenizer(SentencePieceTokenizer.Config(path=spec))
     return GPT2Tokenizer(GPT2Tokenizer.Config(path=spec))

@@ -92,6 +92,29 @@ def _reduce(per_token_BL: Tensor, nelbo_BL: Tensor, mask_BL: Tensor) -> LossOutp
     return LossOutput(loss_sum / num.clamp_min(1), nelbo_sum, loss_sum.detach(), num)
 
 
+def _scored(valid_BL: Tensor, prompt_BL: Tensor | None) -> Tensor:
+    """``valid & ~prompt``: the positions whose loss counts (prompt positions are conditioning only)."""
+    if prompt_BL is None:
+        return valid_BL
+    if prompt_BL.shape != valid_BL.shape:
+        raise ValueError(f"prompt_BL has shape {tuple(prompt_BL.shape)} but the tokens have shape "
+                         f"{tuple(valid_BL.shape)}; pass the batch's 'prompt' [B, L]")
+    return valid_BL.bool() & ~prompt_BL.to(valid_BL.device).bool()
+
+
+def clamp_prompt(noised: Noised, x0_BL: Tensor, prompt_BL: Tensor | None, vocab_size: int) -> Noised:
+    """``noised`` with the prompt positions clean: ``z = x0`` there, and AUDM noise ``n = (x0 + 1) mod V``
+    (``n != z`` marks a position certainly clean). Shapes ``[B, L]``; returns new tensors."""
+    if prompt_BL is None:
+        return noised
+    prompt = prompt_BL.to(x0_BL.device).bool()
+    xt_BL = torch.where(prompt, x0_BL, noised.xt_BL)
+    noise_BL = noised.noise_BL
+    if noise_BL is not None:
+        noise_BL = torch.where(prompt, (x0_BL + 1) % vocab_size, noise_BL)
+    return Noised(xt_BL, noise_BL)
+
+
 def _doc_kwargs(doc_ids_BL: Tensor | None, x_BL: Tensor) -> dict:
     """``{"doc_ids_BL": ...}`` on ``x_BL``'s device when document ids are given, else ``{}``."""
     if doc_ids_BL is None:
@@ -125,38 +148,49 @@ class DiffusionObjective:
         return chunked_per_token(loss.per_token, *args, slice_elements=min(SLICE_ELEMENTS, self.chunk_elements))
 
     def _forward(self, network: Callable, x0_BL: Tensor, t_B: Tensor, generator: torch.Generator | None,
-                 doc_ids_BL: Tensor | None = None):
+                 doc_ids_BL: Tensor | None = None, prompt_BL: Tensor | None = None):
         """Corrupt ``x0_BL`` at times ``t_B`` and call the network -> the loss arguments (the network's
         logits as they come, e.g. bf16: :meth:`_per_token` upcasts them, per slice when chunked).
 
-        ``doc_ids_BL`` (optional ``[B, L]``) is handed to the network as the keyword ``doc_ids_BL``."""
+        ``doc_ids_BL`` (optional ``[B, L]``) is handed to the network as the keyword ``doc_ids_BL``;
+        positions where ``prompt_BL`` is True stay clean (:func:`clamp_prompt`)."""
         t_B = t_B.to(device=x0_BL.device, dtype=torch.float64 if t_B.dtype == torch.float64 else torch.float32)
         alpha_B, dalpha_B = self.schedule.alpha(t_B)
         alpha_B1, dalpha_B1 = alpha_B.unsqueeze(-1), dalpha_B.unsqueeze(-1)
-        noised = self.process.corrupt(x0_BL, alpha_B1, generator)
+        noised = clamp_prompt(self.process.corrupt(x0_BL, alpha_B1, generator), x0_BL, prompt_BL,
+                              self.process.vocab_size)
         logits_BLV = network(noised.xt_BL, self.schedule.sigma(t_B), noised.noise_BL, **_doc_kwargs(doc_ids_BL, x0_BL))
         return (self.parameterization, logits_BLV, x0_BL, noised, alpha_B1, dalpha_B1)
 
     def __call__(self, network: Callable, x0_BL: Tensor, valid_BL: Tensor, t_B: Tensor,
-                 generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None) -> LossOutput:
+                 generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None,
+                 prompt_BL: Tensor | None = None) -> LossOutput:
         """One Monte-Carlo NELBO/loss estimate with one time per sequence (``t_B``).
 
-        ``doc_ids_BL``: optional per-token document ids ``[B, L]`` for a document attention mask."""
-        args = self._forward(network, x0_BL, t_B, generator, doc_ids_BL)
+        ``doc_ids_BL``: optional per-token document ids ``[B, L]`` for a document attention mask;
+        ``prompt_BL``: optional bool ``[B, L]`` of clean, unscored conditioning positions."""
+        args = self._forward(network, x0_BL, t_B, generator, doc_ids_BL, prompt_BL)
         per_token_BL = self._per_token(self.loss, args)
         if self.nelbo_loss is self.loss:
             nelbo_BL = per_token_BL.detach()
         else:
             with torch.no_grad():
                 nelbo_BL = self._per_token(self.nelbo_loss, args)
-        return _reduce(per_token_BL, nelbo_BL, valid_BL)
+        return _reduce(per_token_BL, nelbo_BL, _scored(valid_BL, prompt_BL))
 
     def per_token_nelbo(self, network: Callable, x0_BL: Tensor, t_B: Tensor,
-                        generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None) -> Tensor:
+                        generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None,
+                        prompt_BL: Tensor | None = None) -> Tensor:
         """The NELBO integrand ``[B, L]`` at times ``t_B`` (for evaluation; padding is not masked).
 
-        ``doc_ids_BL``: optional per-token document ids ``[B, L]`` for a document attention mask."""
-        return self._per_token(self.nelbo_loss, self._forward(network, x0_BL, t_B, generator, doc_ids_BL))
+        ``doc_ids_BL``: optional per-token document ids ``[B, L]`` for a document attention mask;
+        ``prompt_BL``: optional bool ``[B, L]``, positions kept clean (their entries are 0: never noised,
+        so the NELBO integrand vanishes there; the caller excludes them from its counts)."""
+        args = self._forward(network, x0_BL, t_B, generator, doc_ids_BL, prompt_BL)
+        nelbo_BL = self._per_token(self.nelbo_loss, args)
+        if prompt_BL is None:
+            return nelbo_BL
+        return torch.where(prompt_BL.to(nelbo_BL.device).bool(), torch.zeros_like(nelbo_BL), nelbo_BL)
 
 
 class ARObjective:
@@ -169,10 +203,12 @@ class ARObjective:
         self.loss = loss
 
     def __call__(self, network: Callable, x0_BL: Tensor, valid_BL: Tensor, t_B: Tensor | None = None,
-                 generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None) -> LossOutput:
+                 generator: torch.Generator | None = None, *, doc_ids_BL: Tensor | None = None,
+                 prompt_BL: Tensor | None = None) -> LossOutput:
         """``t_B``/``generator`` are accepted (and ignored) so the trainer can call both objectives alike.
 
         ``doc_ids_BL``: optional per-token document ids ``[B, L]``, handed to the network as the
-        keyword ``doc_ids_BL`` (causal attention within each token's own document)."""
+        keyword ``doc_ids_BL`` (causal attention within each token's own document); ``prompt_BL``:
+        optional bool ``[B, L]``: those tokens are read but not predicted (their targets do not count)."""
         nll_BL = self.loss.per_token(network(x0_BL, **_doc_kwargs(doc_ids_BL, x0_BL)).float(), x0_BL)
-        return _reduce(nll_BL, nll_BL.detach(), self.loss.counted(valid_BL))
+        return _reduce(nll_BL, nll_BL.detach(), self.loss.counted(_scored(valid_BL, prompt_BL)))

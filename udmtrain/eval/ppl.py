@@ -9,7 +9,10 @@ The quantity estimated (SPEC 7, SPEC 10.11) is, per sequence x,
 
 where ``ell`` is the process's NELBO integrand (``nelbo_fn``; it already contains the schedule weight),
 so ``nll = sum_x NELBO(x) / sum_x #valid(x)`` (token-weighted, like ``val/nll``), ``ppl = exp(nll)``,
-``bpd = nll / ln 2``. Two estimators of the time integral:
+``bpd = nll / ln 2``. Prompt positions (a loader batch's ``prompt``: clean conditioning such as a
+Sudoku puzzle) are not valid tokens: they are excluded from every count, and ``nelbo_fn`` receives
+``prompt_BL=`` for batches that have any, so it keeps them clean. Hence
+``nll`` is per *generated* token. Two estimators of the time integral:
 
 * ``method="mc"``: K stratified ("antithetic") times per sequence, ``u ~ U[0, 1)`` per sequence and
   ``t_k = eps + (1 - eps) * ((u + k) / K)``, k = 0..K-1 (one point in each of the K equal strata), the
@@ -64,6 +67,9 @@ def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         valid_BL = batch.get("valid")
         if valid_BL is None:
             valid_BL = torch.ones_like(x_BL, dtype=torch.bool)
+        prompt_BL = batch.get("prompt")
+        if prompt_BL is not None:  # conditioning positions are never scored
+            valid_BL = valid_BL.bool() & ~prompt_BL.bool()
     else:
         raise TypeError(f"evaluation batch {index} is a {type(batch).__name__}; expected a dict with "
                         "'input_ids'/'valid' or a LongTensor [B, L]")
@@ -71,6 +77,14 @@ def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"evaluation batch {index}: input_ids {tuple(x_BL.shape)} and valid "
                          f"{tuple(valid_BL.shape)} must both be [B, L]")
     return x_BL.long(), valid_BL.bool()
+
+
+def _prompt_kwargs(batch: Any) -> dict[str, Any]:
+    """``{"prompt_BL": batch["prompt"]}`` for a batch with prompt positions, else ``{}`` (so functions
+    that do not know the keyword keep working on prompt-free data)."""
+    if isinstance(batch, Mapping) and batch.get("prompt") is not None and bool(batch["prompt"].any()):
+        return {"prompt_BL": batch["prompt"].bool()}
+    return {}
 
 
 def _batch_kwargs(batch: Any, batch_kwargs: Mapping[str, str], index: int) -> dict[str, Any]:
@@ -134,7 +148,7 @@ def _finish(stats_S: torch.Tensor, all_reduce_sum: AllReduceSum | None, record: 
         "num_forward_calls": int(s["num_forward_calls"]),
         "stderr_method": "ratio estimator, delta method over i.i.d. sequences "
                          "(includes data and t/noise sampling variation)",
-        "token_accounting": "valid (non-padding) tokens only; sequences without a valid token skipped",
+        "token_accounting": "valid tokens only (not padding, not prompt); sequences without a valid token skipped",
     }
     out.update(record)
     return out
@@ -189,7 +203,7 @@ def estimate_nelbo(nelbo_fn: NelboFn, batches: Iterable[Any], *, num_t_samples: 
         nodes_K, weights_K = gauss_legendre_times(K, eps)
     for index, batch in enumerate(batches):
         x0_BL, valid_BL = _split_batch(batch, index)
-        extra = _batch_kwargs(batch, batch_kwargs or {}, index)
+        extra = {**_batch_kwargs(batch, batch_kwargs or {}, index), **_prompt_kwargs(batch)}
         B, device = x0_BL.shape[0], x0_BL.device
         if generator is None:  # created on the data's device so nelbo_fn can draw noise there
             generator = torch.Generator(device=device).manual_seed(_rank_seed(seed, rank))

@@ -90,12 +90,14 @@ def ema_weights(module: torch.nn.Module, ema: Any):
 
 
 def nelbo_fn(components: Components, network: Callable) -> Callable:
-    """``(x0_BL, valid_BL, t_B, generator, doc_ids_BL=None) -> per-token NELBO [B, L]`` for
-    ``udmtrain.eval.ppl.estimate_nelbo`` (which passes ``doc_ids_BL`` via ``batch_kwargs``)."""
+    """``(x0_BL, valid_BL, t_B, generator, doc_ids_BL=None, prompt_BL=None) -> per-token NELBO [B, L]`` for
+    ``udmtrain.eval.ppl.estimate_nelbo`` (which passes ``doc_ids_BL`` via ``batch_kwargs`` and
+    ``prompt_BL`` for batches with prompt positions)."""
     objective = components.objective
 
-    def fn(x0_BL, valid_BL, t_B, generator, doc_ids_BL=None):
-        return objective.per_token_nelbo(network, x0_BL, t_B, generator, doc_ids_BL=doc_ids_BL)
+    def fn(x0_BL, valid_BL, t_B, generator, doc_ids_BL=None, prompt_BL=None):
+        return objective.per_token_nelbo(network, x0_BL, t_B, generator, doc_ids_BL=doc_ids_BL,
+                                         prompt_BL=prompt_BL)
 
     return fn
 

@@ -117,6 +117,8 @@ class TrainStep:
                 x0_BL = batch["input_ids"].to(self.device, non_blocking=True)
                 valid_BL = batch["valid"].to(self.device, non_blocking=True)
                 doc_kwargs = doc_ids_kwargs(batch, self.doc_attention, self.device)
+                if "prompt" in batch and bool(batch["prompt"].any()):  # clean, unscored conditioning
+                    doc_kwargs["prompt_BL"] = batch["prompt"].to(self.device, non_blocking=True)
             gen = torch.Generator(device=self.device)
             gen.manual_seed(_micro_seed(self.cfg.run.seed, step, self.rank, micro_index))
             with self.timer("forward"):

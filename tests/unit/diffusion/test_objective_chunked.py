@@ -9,7 +9,7 @@ import torch
 
 from udmtrain.diffusion.objective import DiffusionObjective, chunked_per_token
 from udmtrain.diffusion.process import Noised
-from udmtrain.diffusion.time_sampling import stratified_times
+from udmtrain.diffusion.time_sampling import antithetic_times
 from udmtrain.registry import LOSS, PARAMETERIZATION, PROCESS, SCHEDULE
 
 V, B, L = 7, 3, 10
@@ -32,7 +32,7 @@ def _run(obj, proc, dtype, chunk_elements):
     valid = torch.ones(B, L, dtype=torch.bool)
     valid[0, 7:] = False
     obj.chunk_elements = chunk_elements
-    out = obj(lambda *a, **k: logits, x0, valid, stratified_times(B, 0, 1), torch.Generator().manual_seed(1))
+    out = obj(lambda *a, **k: logits, x0, valid, antithetic_times(B, 0, 1), torch.Generator().manual_seed(1))
     out.loss.backward()
     return out, logits.grad
 

@@ -1,4 +1,4 @@
-"""Sampler base class: time grid, counted network calls, temperature/nucleus, prefix clamping.
+"""Sampler base class: time grid, counted network calls, temperature/nucleus, prompt clamping.
 
 Shape legend: ``B`` batch, ``L`` sequence length, ``V`` states per position (``process.num_states``:
 V tokens for ``uniform``/``absorbing_uniform``, V+1 with the mask at id V for ``masked``).
@@ -6,10 +6,12 @@ V tokens for ``uniform``/``absorbing_uniform``, V+1 with the mask at id V for ``
 ``alpha_B1`` float ``[B, 1]``.
 
 Every sampler is ``Sampler(cfg, schedule, process, parameterization, *, time_conditioning=False)`` and
-``sample(network, batch_size, seq_len, generator, prefix_BL=None, prefix_len=0) -> SampleOutput``
-(docs/architecture.md "Samplers"). ``time_conditioning`` says whether the network uses its time input
-(a fact about the model, passed by ``udmtrain.train.components.build_sampler``, never a recipe key).
-``network`` is any callable ``(xt_BL, sigma_B, noise_BL) ->
+``sample(network, batch_size, seq_len, generator, prefix_BL=None, prefix_len=0, *, prompt_mask_BL=None)
+-> SampleOutput`` (docs/architecture.md "Samplers"). ``time_conditioning`` says whether the network uses
+its time input (a fact about the model, passed by ``udmtrain.train.components.build_sampler``, never a
+recipe key). Conditioning tokens are clamped at every step at the positions of a prompt mask (bool
+``[B, L]``, any positions: e.g. a Sudoku puzzle) or, the special case, at the first ``prefix_len``
+positions; correctors never select them. ``network`` is any callable ``(xt_BL, sigma_B, noise_BL) ->
 logits_BLV``; all calls go through :meth:`Sampler.call_network`, which counts the NFE and passes
 ``sigma_B = schedule.sigma(t_B)`` (float32, the network's time input). Random numbers come only from
 the ``generator`` argument (SPEC 10.3), so a seed fixes the samples.
@@ -87,9 +89,11 @@ class SamplingRun:
     noise_BL: torch.Tensor | None
     """AUDM noise tokens ``n`` or None."""
     prefix_BL: torch.Tensor | None
-    """Conditioning tokens (positions ``< prefix_len`` are clamped) or None."""
+    """Conditioning tokens (clamped where ``clamped_BL`` is True) or None."""
     prefix_len: int
-    """Number of clamped leading positions."""
+    """Number of clamped leading positions (used when ``prompt_mask_BL`` is None)."""
+    prompt_mask_BL: torch.Tensor | None = None
+    """Bool ``[B, L]`` of clamped positions (``prefix_BL`` is then ``[B, L]``), or None: the prefix."""
     nfe: int = 0
     """Network calls so far."""
     trajectory: list[torch.Tensor] | None = None
@@ -98,11 +102,18 @@ class SamplingRun:
     """Sampler-private reusable predictions (the MDLM cache)."""
 
     @property
+    def clamped_BL(self) -> torch.Tensor:
+        """Bool ``[B, L]``: the conditioning positions (prompt mask, or the first ``prefix_len``)."""
+        if self.prompt_mask_BL is not None:
+            return self.prompt_mask_BL
+        clamped = torch.zeros_like(self.z_BL, dtype=torch.bool)
+        clamped[:, : self.prefix_len] = True
+        return clamped
+
+    @property
     def free_BL(self) -> torch.Tensor:
-        """Bool ``[B, L]``: positions the sampler may change (False on the clamped prefix)."""
-        free = torch.ones_like(self.z_BL, dtype=torch.bool)
-        free[:, : self.prefix_len] = False
-        return free
+        """Bool ``[B, L]``: positions the sampler may change (False on the clamped prompt/prefix)."""
+        return ~self.clamped_BL
 
 
 class Sampler(abc.ABC):
@@ -169,19 +180,24 @@ class Sampler(abc.ABC):
     # ------------------------------------------------------------------ public API
     def sample(self, network: Callable[..., torch.Tensor], batch_size: int, seq_len: int,
                generator: torch.Generator, prefix_BL: torch.Tensor | None = None,
-               prefix_len: int = 0) -> SampleOutput:
+               prefix_len: int = 0, *, prompt_mask_BL: torch.Tensor | None = None) -> SampleOutput:
         """Draw ``batch_size`` sequences of ``seq_len`` tokens.
 
         ``prefix_BL`` (LongTensor ``[B, >= prefix_len]``): positions ``< prefix_len`` are clamped to it
-        at every step (conditional generation) and never selected by correctors.
+        at every step (conditional generation) and never selected by correctors. With
+        ``prompt_mask_BL`` (bool ``[B, L]``) the clamped positions are those where it is True instead
+        (any positions), ``prefix_BL`` is ``[B, L]`` and ``prefix_len`` must stay 0.
         """
         device = self._device(network, generator, prefix_BL)
         prefix = self._check_prefix(prefix_BL, prefix_len, batch_size, seq_len, device)
+        mask = self._check_prompt_mask(prompt_mask_BL, prefix_BL, prefix_len, batch_size, seq_len, device)
+        if mask is not None:
+            prefix = self._check_prefix(prefix_BL, seq_len, batch_size, seq_len, device, mask)
         # the prior is drawn on the generator's device (a CPU generator may drive a GPU network)
         noised = self.process.prior(batch_size, seq_len, generator, generator.device)
         run = SamplingRun(network=network, generator=generator, z_BL=noised.xt_BL.to(device),
                           noise_BL=None if noised.noise_BL is None else noised.noise_BL.to(device),
-                          prefix_BL=prefix, prefix_len=prefix_len,
+                          prefix_BL=prefix, prefix_len=prefix_len, prompt_mask_BL=mask,
                           trajectory=[] if self.cfg.record_trajectory else None)
         self.clamp(run)
         self.generate(run)
@@ -280,10 +296,17 @@ class Sampler(abc.ABC):
         return self.param.denoiser_logp(logits_BLV, run.z_BL, alpha_B1, run.noise_BL)
 
     def clamp(self, run: SamplingRun) -> None:
-        """Write the prefix into the state. For AUDM the prefix's noise token is set to a different
+        """Write the prompt (or prefix) into the state. For AUDM its noise token is set to a different
         token (``(x + 1) mod V``), which marks it certainly clean (SPEC 1.3), so an exact posterior
-        conditions on the prefix exactly; for the masked process clean tokens are frozen anyway;
-        for the uniform process clamping is the usual heuristic (the prefix is seen as a noisy draw)."""
+        conditions on it exactly; for the masked process clean tokens are frozen anyway; for the
+        uniform process clamping is the usual heuristic (the prompt is seen as a noisy draw). The
+        training objective keeps prompt positions clean the same way, so the network has seen them so."""
+        if run.prompt_mask_BL is not None:
+            mask, tokens = run.prompt_mask_BL, run.prefix_BL
+            run.z_BL = torch.where(mask, tokens, run.z_BL)
+            if run.noise_BL is not None:
+                run.noise_BL = torch.where(mask, (tokens + 1) % self.vocab_size, run.noise_BL)
+            return
         p = run.prefix_len
         if p == 0:
             return
@@ -308,7 +331,10 @@ class Sampler(abc.ABC):
                 return p.device
         return generator.device
 
-    def _check_prefix(self, prefix_BL, prefix_len, batch_size, seq_len, device) -> torch.Tensor | None:
+    def _check_prefix(self, prefix_BL, prefix_len, batch_size, seq_len, device,
+                      mask_BL: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``prefix_BL`` on ``device`` after checking its shape and that its clamped tokens (the first
+        ``prefix_len``, or those under ``mask_BL``) are real tokens; None without a prefix."""
         if not 0 <= prefix_len <= seq_len:
             raise ValueError(f"prefix_len must be in [0, seq_len={seq_len}], got {prefix_len}")
         if prefix_len == 0:
@@ -319,8 +345,24 @@ class Sampler(abc.ABC):
             raise ValueError(f"prefix_BL must be [batch_size={batch_size}, >= prefix_len={prefix_len}], "
                              f"got {tuple(prefix_BL.shape)}")
         prefix = prefix_BL.to(device=device, dtype=torch.long)
-        head = prefix[:, :prefix_len]
-        if bool((head < 0).any()) or bool((head >= self.vocab_size).any()):
+        head = prefix[:, :prefix_len] if mask_BL is None else prefix[mask_BL]
+        if head.numel() and (bool((head < 0).any()) or bool((head >= self.vocab_size).any())):
             raise ValueError(f"prefix tokens must be real tokens in [0, {self.vocab_size}), got range "
                              f"[{int(head.min())}, {int(head.max())}]")
         return prefix
+
+    @staticmethod
+    def _check_prompt_mask(mask_BL, prefix_BL, prefix_len, batch_size, seq_len, device) -> torch.Tensor | None:
+        """The prompt mask as bool ``[B, L]`` on ``device`` (None when not given), after checking it
+        comes with ``[B, L]`` tokens and no ``prefix_len``."""
+        if mask_BL is None:
+            return None
+        if prefix_len:
+            raise ValueError(f"give either prefix_len ({prefix_len}) or prompt_mask_BL, not both")
+        if prefix_BL is None:
+            raise ValueError("prompt_mask_BL was given without the prompt tokens prefix_BL [B, L]")
+        want = (batch_size, seq_len)
+        if tuple(mask_BL.shape) != want or tuple(prefix_BL.shape) != want:
+            raise ValueError(f"prompt_mask_BL and prefix_BL must both be [batch_size, seq_len] = {list(want)}, "
+                             f"got {list(mask_BL.shape)} and {list(prefix_BL.shape)}")
+        return mask_BL.to(device=device, dtype=torch.bool)

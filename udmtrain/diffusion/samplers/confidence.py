@@ -5,6 +5,7 @@ Shape legend: ``B`` batch, ``L`` length, ``V`` states; ``score_BL`` float64 marg
 Each of the ``num_steps`` steps makes one network call at the grid time t, takes the model's denoiser
 ``D`` (tempered per ``temperature_on``; the nucleus never changes an argmax), scores every position by
 the margin ``max_v log D(v) - log D(z^l)`` (>= 0) and sets the ``k = ceil(L / num_steps)`` positions
+(L: free positions, i.e. not prompt/prefix)
 with the LARGEST margin to ``argmax_v D``. Largest, as the reference code does (its docstring says
 "lowest confidence"; SPEC 10.14): the positions where the current token is least supported by the
 model are fixed first. A masked (or mask-suppressed) current token has ``log D = -inf``; it is clamped
@@ -37,8 +38,8 @@ class ConfidenceSampler(Sampler):
     """Deterministic greedy refinement: ``num_steps`` calls, ``ceil(L/num_steps)`` positions per call."""
 
     def step(self, run: SamplingRun, t: float, s: float) -> None:
-        """Greedy update at ``t`` (``s`` unused); the prefix is never selected."""
-        L = run.z_BL.shape[1]
+        """Greedy update at ``t`` (``s`` unused); clamped (prefix / prompt) positions are never selected."""
+        L = int(run.free_BL.sum(-1).max())  # free positions: a prompt is never chosen, so k spreads the rest
         k = min(L, math.ceil(L / self.cfg.num_steps))
         den = self.predict(run, t, "denoiser")
         score, best = confidence_scores(den, run.z_BL)
