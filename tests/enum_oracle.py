@@ -4,9 +4,9 @@ Everything here is float64 and exact (up to rounding): for a data law ``law`` ov
 sequences (``V <= 5``, ``L <= 3`` keeps it tiny), the joint of the clean sequence ``x`` and the noisy
 ``z_t`` factorises over positions, so every posterior is a weighted sum over the enumerated ``x``:
 
-* uniform process (SPEC 1.2):   ``q_t(z^l | x^l) = alpha 1[z^l = x^l] + (1 - alpha)/V``
-* masked process (SPEC 1.1):    ``q_t(z^l | x^l) = alpha 1[z^l = x^l] + (1 - alpha) 1[z^l = m]``, m = V
-* AUDM lift (SPEC 1.3/3.5):     ``q_t(z^l | x^l, n^l) = alpha 1[z^l = x^l] + (1 - alpha) 1[z^l = n^l]``
+* uniform process (docs/theory.md §1.2):   ``q_t(z^l | x^l) = alpha 1[z^l = x^l] + (1 - alpha)/V``
+* masked process (docs/theory.md §1.1):    ``q_t(z^l | x^l) = alpha 1[z^l = x^l] + (1 - alpha) 1[z^l = m]``, m = V
+* AUDM lift (docs/theory.md §1.3/3.5):     ``q_t(z^l | x^l, n^l) = alpha 1[z^l = x^l] + (1 - alpha) 1[z^l = n^l]``
 
 Shapes: ``xt_BL``/``noise_BL`` LongTensor ``[B, L]``; ``alpha`` a float, a ``[B]`` or a ``[B, 1]``
 tensor; returned log-probs ``[B, L, V]`` (``V + 1`` for the masked process).

@@ -3,7 +3,7 @@
     python tools/gen_config_docs.py           # regenerate docs/recipes.md
     python tools/gen_config_docs.py --check   # exit 1 if the committed page is stale (CI)
 
-Every field's text is its attribute docstring (DESIGN C8): edit the code, not the page.
+Every field's text is its attribute docstring (docs/design.md C8): edit the code, not the page.
 """
 
 from __future__ import annotations

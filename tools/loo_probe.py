@@ -1,4 +1,4 @@
-"""Leave-one-out sensitivity probe of a uniform-process checkpoint along a sampler trajectory (SPEC 5.7).
+"""Leave-one-out sensitivity probe of a uniform-process checkpoint along a sampler trajectory (docs/theory.md §5.7).
 
     python tools/loo_probe.py --ckpt runs/udlm --out-dir probe/
     python tools/loo_probe.py --ckpt runs/udlm/checkpoints/step_0000010000 --steps 32 --num-samples 8 \\
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def loo_fn_for(loaded: inf.Loaded):
-    """``(xt_BL, sigma_B, noise_BL) -> log Lo [B, L, V]`` with ``alpha = exp(-sigma)`` (SPEC 1)."""
+    """``(xt_BL, sigma_B, noise_BL) -> log Lo [B, L, V]`` with ``alpha = exp(-sigma)`` (docs/theory.md §1)."""
     import torch
 
     network, param = loaded.network(), loaded.components.parameterization

@@ -1,6 +1,6 @@
 """One registry per component family, filled by decorators, imported lazily.
 
-A recipe picks a component by ``name:`` once, at build time (DESIGN C3/C4)::
+A recipe picks a component by ``name:`` once, at build time (docs/design.md C3/C4)::
 
     from udmtrain.registry import SCHEDULE
 
@@ -16,7 +16,7 @@ A recipe picks a component by ``name:`` once, at build time (DESIGN C3/C4)::
 
 ``SCHEDULE.get("loglinear")`` imports the family's modules (``FAMILY_MODULES``) on first use, so
 ``import udmtrain`` stays cheap. That import table is the single sanctioned "upward" edge of the
-layering (DESIGN section 4). An entry ``"package.*"`` means every module of that package, so a new
+layering (docs/design.md §4). An entry ``"package.*"`` means every module of that package, so a new
 component is one new file in its family's package (no table or ``__init__`` to edit).
 """
 

@@ -1,6 +1,6 @@
 """flash-attn vs SDPA parity on CUDA in bf16 (forward and backward), bidirectional and causal.
 
-Skipped with the probe's reason when CUDA or flash_attn is absent (DESIGN C15/C16). Run with
+Skipped with the probe's reason when CUDA or flash_attn is absent (docs/design.md C15/C16). Run with
 ``pytest -m gpu tests/gpu``.
 """
 

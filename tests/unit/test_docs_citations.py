@@ -153,7 +153,6 @@ def test_every_citation_names_an_existing_heading():
     assert not bad, "citations of headings that do not exist (fix the citation or the heading):\n" + "\n".join(bad)
 
 
-@pytest.mark.skip(reason="enabled after citation rewrite")
 def test_nothing_cites_documents_outside_the_repository():
     hits = []
     for path in scanned_files():

@@ -1,4 +1,4 @@
-"""Import layering of udmtrain (DESIGN section 4) and single owners of optional heavy dependencies.
+"""Import layering of udmtrain (docs/design.md §4) and single owners of optional heavy dependencies.
 
 Layers: L0 utils; L1 registry, config; L2 diffusion, models, data (siblings never import each other);
 L3 engine; L4 eval; L5 train, interop. A module may import its own or lower layers only. The registry's lazy
@@ -81,7 +81,7 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 def test_every_package_is_in_a_layer():
     unknown = {p.relative_to(PACKAGE).parts[0] for p in SOURCES if len(p.relative_to(PACKAGE).parts) > 1}
     unknown |= {p.stem for p in SOURCES if len(p.relative_to(PACKAGE).parts) == 1} - {"__init__"}
-    assert unknown <= set(LAYERS), f"add {sorted(unknown - set(LAYERS))} to LAYERS (and DESIGN section 4)"
+    assert unknown <= set(LAYERS), f"add {sorted(unknown - set(LAYERS))} to LAYERS (and docs/design.md §4)"
 
 
 def violations() -> list[str]:

@@ -50,7 +50,7 @@ def test_recipe_validates(path, tmp_path):
 @pytest.mark.parametrize("stem", PAPER)
 @pytest.mark.parametrize("world_size", [8, 16, 32])
 def test_paper_recipes_fit_multi_gpu_world_sizes(stem, world_size):
-    """The paper's setting (SPEC section 6): global batch 512, 16 per GPU, 1M steps."""
+    """The paper's setting (docs/theory.md §6): global batch 512, 16 per GPU, 1M steps."""
     rc = load_or_skip(ROOT / "recipes" / f"{stem}.yaml", world_size=world_size)
     assert rc.train.max_steps == 1_000_000 and rc.engine.global_batch_size == 512
     assert rc.engine.micro_batch_size == 16 and rc.optim.cfg.lr == 3e-4

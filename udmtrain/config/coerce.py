@@ -1,4 +1,4 @@
-"""Type coercion of recipe values (DESIGN section 5), shared by the validator and the docs generator.
+"""Type coercion of recipe values (docs/design.md §5), shared by the validator and the docs generator.
 
 ``coerce(value, annotation)`` returns the converted value or raises ``_Bad(message, hint)``; the
 rules are listed in ``COERCION_RULES`` (printed in docs/recipes.md).

@@ -1,6 +1,6 @@
 """Structured recipe errors: every problem is a ``ConfigIssue``; all of them raise as one ``ConfigError``.
 
-The report format (DESIGN section 6)::
+The report format (docs/design.md §6)::
 
     udmtrain: recipe recipes/mdlm.yaml has 2 problems
 

@@ -5,7 +5,7 @@
   and an empty value are null. Quoted scalars are always strings.
 * ``base:`` names one file or a list of files, relative to the file that names them; bases apply left
   to right, then the file itself. A cycle is an error naming the chain.
-* Merge (DESIGN section 5): mappings deep-merge, lists and scalars replace, and a mapping whose
+* Merge (docs/design.md §5): mappings deep-merge, lists and scalars replace, and a mapping whose
   ``name`` changes is *replaced*, so a parent's component settings never leak into another component.
 * Command-line overrides ``a.b=value`` are parsed with the same scalar rules (``[0.9,0.95]`` is a
   list) and merged last, left to right, with origin ``command line arg N``.
@@ -205,7 +205,7 @@ def _copy_prefix(src: dict[str, str], dst: dict[str, str], path: str) -> None:
 
 
 def merge(parent: Tree, child: Tree) -> Tree:
-    """``child`` over ``parent`` (DESIGN section 5 merge rules); returns a new Tree."""
+    """``child`` over ``parent`` (docs/design.md §5 merge rules); returns a new Tree."""
     out = Tree(_deepcopy(parent.data), dict(parent.origins), dict(parent.key_origins))
 
     def go(dst: dict[str, Any], src: dict[str, Any], path: str) -> None:

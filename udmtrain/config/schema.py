@@ -1,4 +1,4 @@
-"""The typed recipe: ``RunConfig`` and its sections (DESIGN sections 4-5, docs/architecture.md).
+"""The typed recipe: ``RunConfig`` and its sections (docs/design.md §4-5, docs/architecture.md).
 
 Plain sections are dataclasses defined here. Component sections (``model``, ``process``, ...) are a
 ``ComponentSpec(name, cfg)`` whose ``cfg`` is an instance of the registered class's nested ``Config``;

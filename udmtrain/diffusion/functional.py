@@ -1,4 +1,4 @@
-"""Discrete-diffusion math as pure, stateless torch functions (SPEC section 0).
+"""Discrete-diffusion math as pure, stateless torch functions (docs/theory.md §0).
 
 Shape legend: ``B`` batch, ``L`` positions, ``V`` token-space size of the process (the tokenizer's V
 for the uniform / absorbing-uniform processes, V+1 for the masked one). ``xt``, ``x0``, ``noise``:
@@ -6,11 +6,11 @@ LongTensor ``[B, L]``; logits / log-probs ``[B, L, V]``; ``alpha``, ``dalpha``: 
 (a Python float or 0-d tensor also works); ``t``: float ``[B]`` (or any shape).
 
 Precision: every function works in the float dtype of its float input (float32 in training, float64
-in tests); bf16/fp16 inputs are upcast to float32 first (SPEC 10.6). ``log1p``/``expm1`` are used
+in tests); bf16/fp16 inputs are upcast to float32 first (docs/theory.md §10.6). ``log1p``/``expm1`` are used
 wherever ``alpha -> 1`` or ``alpha -> 0`` would cancel. Index-dependent edits (``+ delta e_i``) use
 ``scatter``/``gather``, never a ``[B, L, V]`` one-hot.
 
-Uniform-process constants (SPEC 1): ``c = V alpha / (1 - alpha)``, ``delta = log1p(c)``,
+Uniform-process constants (docs/theory.md §1): ``c = V alpha / (1 - alpha)``, ``delta = log1p(c)``,
 ``lambda = -alpha'/alpha``, ``r = -alpha'/(1 - alpha)``.
 """
 
@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-#: Floor on probabilities inside the max-coupling / AUDM NELBO logs (SPEC 3.3): ``log(1e-12)``.
+#: Floor on probabilities inside the max-coupling / AUDM NELBO logs (docs/theory.md §3.3): ``log(1e-12)``.
 LOG_PROB_FLOOR = math.log(1e-12)
 
 
@@ -63,7 +63,7 @@ _float, _gather = upcast, gather_tokens
 
 # ---------------------------------------------------------------------------------- schedules
 def loglinear_alpha(t: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """Log-linear schedule (SPEC 1): ``alpha_t = 1 - (1 - eps) t``, ``dalpha_t = -(1 - eps)``.
+    """Log-linear schedule (docs/theory.md §1): ``alpha_t = 1 - (1 - eps) t``, ``dalpha_t = -(1 - eps)``.
 
     Named after ``sigma_t = -log alpha_t = -log(1 - (1 - eps) t)``. ``alpha_0 = 1``, ``alpha_1 = eps``.
     """
@@ -82,12 +82,12 @@ def cosine_alpha(t: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
 
 
 def sigma_from_alpha(alpha: Tensor) -> Tensor:
-    """Network time input ``sigma = -log alpha`` (SPEC 1)."""
+    """Network time input ``sigma = -log alpha`` (docs/theory.md §1)."""
     return -torch.log(_float(alpha))
 
 
 def delta_t(alpha: Tensor, V: int) -> Tensor:
-    """Own-token log-evidence ``delta = log1p(V alpha / (1 - alpha))`` (SPEC 2; shape of ``alpha``)."""
+    """Own-token log-evidence ``delta = log1p(V alpha / (1 - alpha))`` (docs/theory.md §2; shape of ``alpha``)."""
     alpha = _float(torch.as_tensor(alpha))
     return torch.log1p(V * alpha / (1 - alpha))
 
@@ -98,7 +98,7 @@ def log_c_t(alpha: Tensor, V: int) -> Tensor:
     return math.log(V) + torch.log(alpha) - torch.log1p(-alpha)
 
 
-# -------------------------------------------------------------------- LOO <-> denoiser (SPEC 2)
+# -------------------------------------------------------------------- LOO <-> denoiser (docs/theory.md §2)
 def loo_to_denoiser(loo_logits: Tensor, xt: Tensor, alpha: Tensor) -> Tensor:
     """Denoiser log-probs from LOO logits: ``log D = log_softmax(loo_logits + delta e_{xt})`` [B,L,V].
 
@@ -116,7 +116,7 @@ def denoiser_to_loo(den_logits: Tensor, xt: Tensor, alpha: Tensor) -> Tensor:
     return torch.log_softmax(_add_at(logits, xt, -delta_B11.squeeze(-1)), dim=-1)
 
 
-# --------------------------------------------------------------------------- scores (SPEC 2)
+# --------------------------------------------------------------------------- scores (docs/theory.md §2)
 def log_score_from_loo(loo_logp: Tensor, xt: Tensor, alpha: Tensor) -> Tensor:
     """``log s(y) = log(1 + c Lo(y)) - log(1 + c Lo(xt))`` [B,L,V] (exactly 0 at ``y = xt``)."""
     lp = _float(loo_logp)
@@ -167,7 +167,7 @@ def denoiser_from_score(s: Tensor, xt: Tensor, alpha: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- bridges and conditionals
 def uniform_bridge(x0_probs: Tensor, xt: Tensor, alpha_t: Tensor, alpha_s: Tensor) -> Tensor:
-    """Uniform-process bridge ``p(z_s = y | z_t = xt, x ~ x0_probs)``, normalised probs [B,L,V] (SPEC 1.2).
+    """Uniform-process bridge ``p(z_s = y | z_t = xt, x ~ x0_probs)``, normalised probs [B,L,V] (docs/theory.md §1.2).
 
     ``N_y = V a_t x(z) 1[y=z] + (a_t/a_s - a_t) 1[y=z] + (a_s - a_t) x(y) + (a_s - a_t)(1 - a_s)/(V a_s)``,
     divided by ``sum_y N_y`` (``= V a_t x(z) + 1 - a_t`` for a normalised x). One-hot ``x0_probs`` gives
@@ -183,15 +183,15 @@ def uniform_bridge(x0_probs: Tensor, xt: Tensor, alpha_t: Tensor, alpha_s: Tenso
 
 
 def noisy_conditional(loo_logp: Tensor, alpha: Tensor) -> Tensor:
-    """``log p_t(z^l = v | z^{-l}) = log(alpha Lo(v) + (1 - alpha)/V)`` [B,L,V] (SPEC 2, Gibbs corrector)."""
+    """``log p_t(z^l = v | z^{-l}) = log(alpha Lo(v) + (1 - alpha)/V)`` [B,L,V] (docs/theory.md §2, Gibbs corrector)."""
     lp = _float(loo_logp)
     a = _col(_like(alpha, lp))
     return torch.logaddexp(torch.log(a) + lp, torch.log1p(-a) - math.log(lp.shape[-1]))
 
 
-# ------------------------------------------------------------------------- NELBOs (SPEC 3)
+# ------------------------------------------------------------------------- NELBOs (docs/theory.md §3)
 def udlm_nelbo(loo_logp: Tensor, x0: Tensor, xt: Tensor, alpha: Tensor, dalpha: Tensor) -> Tensor:
-    """UDLM plug-in NELBO per token [B,L] (SPEC 3.1), O(V) closed form; minimiser ``x̂ = Lo``.
+    """UDLM plug-in NELBO per token [B,L] (docs/theory.md §3.1), O(V) closed form; minimiser ``x̂ = Lo``.
 
     With ``x̄θ = V alpha x̂ + (1 - alpha) 1``, ``i = xt``, ``kappa = (1-alpha)/(V alpha + 1 - alpha)`` and
     ``g(u) = e^u - 1 - u >= 0`` this is the CTMC path KL
@@ -200,7 +200,7 @@ def udlm_nelbo(loo_logp: Tensor, x0: Tensor, xt: Tensor, alpha: Tensor, dalpha: 
     * ``x != i``: ``s_x(y) = 1`` except ``s_x(x) = 1/kappa``.
     The bulk sums use one ``sum_j log x̄θ_j`` and ``sum_j x̄θ_j = V`` (``loo_logp`` must be normalised);
     the ``1/kappa``-weighted term is kept as ``g(u)`` (``expm1(u) - u``), which avoids the
-    ``O(V alpha/(1-alpha))`` cancellation of the raw formula. Algebraically identical to SPEC 3.1's
+    ``O(V alpha/(1-alpha))`` cancellation of the raw formula. Algebraically identical to docs/theory.md §3.1's
     ``(alpha'/(V alpha)) (term1 - term2)``.
     """
     lp = _float(loo_logp)
@@ -227,7 +227,7 @@ def udlm_nelbo(loo_logp: Tensor, x0: Tensor, xt: Tensor, alpha: Tensor, dalpha: 
 
 
 def max_coupling_nelbo(den_logp: Tensor, x0: Tensor, xt: Tensor, alpha: Tensor, dalpha: Tensor) -> Tensor:
-    """Max-coupling NELBO per token [B,L] (SPEC 3.3): ``r [1 - D(i) - 1[x != i] (1 + log D(x))]``.
+    """Max-coupling NELBO per token [B,L] (docs/theory.md §3.3): ``r [1 - D(i) - 1[x != i] (1 + log D(x))]``.
 
     ``r = -alpha'/(1 - alpha)``, ``i = xt``; ``log D`` floored at ``log 1e-12``. Minimiser: the denoiser.
     """
@@ -239,7 +239,7 @@ def max_coupling_nelbo(den_logp: Tensor, x0: Tensor, xt: Tensor, alpha: Tensor, 
 
 
 def mdlm_nelbo(den_logp: Tensor, x0: Tensor, xt: Tensor, alpha: Tensor, dalpha: Tensor, mask_id: int) -> Tensor:
-    """MDLM NELBO per token [B,L] (SPEC 3.4): ``(alpha'/(1 - alpha)) log D(x | z)`` at masked positions, else 0."""
+    """MDLM NELBO per token [B,L] (docs/theory.md §3.4): ``(alpha'/(1 - alpha)) log D(x | z)`` at masked positions, else 0."""
     lp = _float(den_logp)
     r = -_like(dalpha, lp) / (1 - _like(alpha, lp))
     lDx = _gather(lp, x0)
@@ -247,7 +247,7 @@ def mdlm_nelbo(den_logp: Tensor, x0: Tensor, xt: Tensor, alpha: Tensor, dalpha: 
 
 
 def audm_nelbo(den_logp: Tensor, x0: Tensor, xt: Tensor, noise: Tensor, alpha: Tensor, dalpha: Tensor) -> Tensor:
-    """AUDM NELBO per token [B,L] (SPEC 3.5): ``r 1[z = n] [1 - p(n) - 1[x != n] (1 + log p(x))]``.
+    """AUDM NELBO per token [B,L] (docs/theory.md §3.5): ``r 1[z = n] [1 - p(n) - 1[x != n] (1 + log p(x))]``.
 
     A masked chain whose mask token at position l is ``n^l``; ``log p`` floored at ``log 1e-12``.
     Minimiser: the AUDM posterior ``p(x^l | z, n)``.
@@ -261,5 +261,5 @@ def audm_nelbo(den_logp: Tensor, x0: Tensor, xt: Tensor, noise: Tensor, alpha: T
 
 
 def denoising_cross_entropy(den_logp: Tensor, x0: Tensor) -> Tensor:
-    """Denoising cross-entropy per token [B,L] (SPEC 3.2): ``-log D(x0 | z)``, no time weighting."""
+    """Denoising cross-entropy per token [B,L] (docs/theory.md §3.2): ``-log D(x0 | z)``, no time weighting."""
     return -_gather(_float(den_logp), x0)

@@ -1,4 +1,4 @@
-"""Per-token diffusion training losses (SPEC 3). Each asks the parameterization for the object it needs
+"""Per-token diffusion training losses (docs/theory.md §3). Each asks the parameterization for the object it needs
 (plug-in NELBO: the LOO; all others: the denoiser), so parameterization and objective are independent.
 
 Shape legend: ``logits_BLV`` float ``[B, L, V]``; ``x0_BL`` LongTensor ``[B, L]``; ``noised`` a
@@ -51,7 +51,7 @@ class DiffusionLoss(abc.ABC):
 
 @LOSS.register("plugin_nelbo")
 class PluginNelboLoss(DiffusionLoss):
-    """UDLM plug-in NELBO (SPEC 3.1) on the LOO prediction; its minimiser is the LOO, not the denoiser."""
+    """UDLM plug-in NELBO (docs/theory.md §3.1) on the LOO prediction; its minimiser is the LOO, not the denoiser."""
 
     requires = {"process": frozenset({"uniform"})}
 
@@ -69,7 +69,7 @@ class PluginNelboLoss(DiffusionLoss):
 
 @LOSS.register("max_coupling_nelbo")
 class MaxCouplingNelboLoss(DiffusionLoss):
-    """Max-coupling NELBO (SPEC 3.3) on the denoiser; strictly looser than the plug-in NELBO at optimum."""
+    """Max-coupling NELBO (docs/theory.md §3.3) on the denoiser; strictly looser than the plug-in NELBO at optimum."""
 
     requires = {"process": frozenset({"uniform"})}
 
@@ -87,7 +87,7 @@ class MaxCouplingNelboLoss(DiffusionLoss):
 
 @LOSS.register("mdlm_nelbo")
 class MDLMNelboLoss(DiffusionLoss):
-    """MDLM NELBO (SPEC 3.4): ``-r_t log D(x | z)`` on masked positions."""
+    """MDLM NELBO (docs/theory.md §3.4): ``-r_t log D(x | z)`` on masked positions."""
 
     requires = {"process": frozenset({"masked"})}
 
@@ -105,7 +105,7 @@ class MDLMNelboLoss(DiffusionLoss):
 
 @LOSS.register("audm_nelbo")
 class AUDMNelboLoss(DiffusionLoss):
-    """AUDM NELBO (SPEC 3.5): a masked chain whose per-position mask token is the noise token ``n``."""
+    """AUDM NELBO (docs/theory.md §3.5): a masked chain whose per-position mask token is the noise token ``n``."""
 
     requires = {"process": frozenset({"absorbing_uniform"})}
 
@@ -125,7 +125,7 @@ class AUDMNelboLoss(DiffusionLoss):
 
 @LOSS.register("cross_entropy")
 class CrossEntropyLoss(DiffusionLoss):
-    """Denoising cross-entropy ``-log D(x0 | z_t)`` on every position, no time weighting (SPEC 3.2).
+    """Denoising cross-entropy ``-log D(x0 | z_t)`` on every position, no time weighting (docs/theory.md §3.2).
 
     Not a bound (``is_nelbo = False``): the logged ``nll`` is the NELBO named by ``bound``; ``auto``
     picks the process's natural NELBO (uniform: ``plugin_nelbo``, as the reference logs for CE-trained

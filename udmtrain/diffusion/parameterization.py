@@ -1,8 +1,8 @@
-"""What the network's logits mean: the denoiser ``D(x^l | z_t)`` or the leave-one-out posterior (SPEC 2).
+"""What the network's logits mean: the denoiser ``D(x^l | z_t)`` or the leave-one-out posterior (docs/theory.md §2).
 
 Shape legend: ``logits_BLV`` float ``[B, L, V]`` (``V = process.num_states``); ``xt_BL``,
 ``noise_BL`` LongTensor ``[B, L]``; ``alpha_B1`` float ``[B, 1]``. Outputs are float32 log-probs
-(float64 if the logits are float64); bf16 logits are upcast before any conversion (SPEC 10.6).
+(float64 if the logits are float64); bf16 logits are upcast before any conversion (docs/theory.md §10.6).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Parameterization(abc.ABC):
 @PARAMETERIZATION.register("denoiser")
 class DenoiserParameterization(Parameterization):
     """Logits are the denoiser ``D`` ("mean"). Masked: mask logit suppressed; known-clean positions
-    (unmasked, or ``z != n`` for AUDM) frozen to ``e_z`` (carry-over, SPEC 3.4/3.5).
+    (unmasked, or ``z != n`` for AUDM) frozen to ``e_z`` (carry-over, docs/theory.md §3.4/3.5).
     Uniform: ``loo_logp = denoiser_to_loo`` (subtract ``delta_t`` at the observed token)."""
 
     @dataclass(kw_only=True, frozen=True)

@@ -1,4 +1,4 @@
-"""Forward noise processes ``q_t(z | x)``, all factorised over positions (SPEC 1.1-1.3), and what
+"""Forward noise processes ``q_t(z | x)``, all factorised over positions (docs/theory.md §1.1-1.3), and what
 each one owns for sampling: its prior, its ancestral reverse step, its carry-over, its Gibbs
 corrector conditional and the capabilities it declares (``CAPABILITIES``).
 
@@ -95,7 +95,7 @@ class ForwardProcess(abc.ABC):
     @abc.abstractmethod
     def prior(self, batch_size: int, seq_len: int, generator: torch.Generator | None,
               device: torch.device | str = "cpu") -> Noised:
-        """Draw ``z_1`` from the prior (``alpha_1 = eps`` residue ignored, SPEC 1)."""
+        """Draw ``z_1`` from the prior (``alpha_1 = eps`` residue ignored, docs/theory.md §1)."""
 
     def known_clean(self, xt_BL: Tensor, noise_BL: Tensor | None = None) -> Tensor | None:
         """Bool ``[B, L]``: positions certainly clean given ``z_t`` (carry-over), or ``None`` if none are."""
@@ -133,7 +133,7 @@ class ForwardProcess(abc.ABC):
 
 @PROCESS.register("masked")
 class MaskedProcess(ForwardProcess):
-    """Absorbing process: ``q_t(z | x) = alpha e_x + (1 - alpha) e_m`` with mask id ``m = V`` (SPEC 1.1)."""
+    """Absorbing process: ``q_t(z | x) = alpha e_x + (1 - alpha) e_m`` with mask id ``m = V`` (docs/theory.md §1.1)."""
 
     natural_nelbo = "mdlm_nelbo"
     capabilities = frozenset({"mask_state", "time_free_posterior"})
@@ -168,7 +168,7 @@ class MaskedProcess(ForwardProcess):
 
 @PROCESS.register("uniform")
 class UniformProcess(ForwardProcess):
-    """Uniform process: ``q_t(z | x) = alpha e_x + (1 - alpha)/V 1`` over exactly V states (SPEC 1.2, 10.5)."""
+    """Uniform process: ``q_t(z | x) = alpha e_x + (1 - alpha)/V 1`` over exactly V states (docs/theory.md §1.2, 10.5)."""
 
     natural_nelbo = "plugin_nelbo"
     capabilities = frozenset({"loo_posterior", "token_states", "gibbs_corrector"})
@@ -201,10 +201,10 @@ class UniformProcess(ForwardProcess):
 
 @PROCESS.register("absorbing_uniform")
 class AbsorbingUniformProcess(ForwardProcess):
-    """AUDM lift of the uniform process (SPEC 1.3): ``n ~ U^L`` fresh per call, ``z = n`` w.p. ``1 - alpha``.
+    """AUDM lift of the uniform process (docs/theory.md §1.3): ``n ~ U^L`` fresh per call, ``z = n`` w.p. ``1 - alpha``.
 
     The ``(x, z_t)`` marginal equals the uniform process exactly; ``n`` is returned (and must be
-    passed to the network) explicitly, never as a tensor attribute (SPEC 10.12).
+    passed to the network) explicitly, never as a tensor attribute (docs/theory.md §10.12).
     """
 
     uses_noise_tokens = True
@@ -219,7 +219,7 @@ class AbsorbingUniformProcess(ForwardProcess):
         super().__init__(cfg if cfg is not None else self.Config(), vocab_size)
 
     def known_clean(self, xt_BL, noise_BL=None):
-        """``z != n`` implies clean (SPEC 1.3 carry-over)."""
+        """``z != n`` implies clean (docs/theory.md §1.3 carry-over)."""
         if noise_BL is None:
             raise ValueError("the absorbing_uniform process needs its noise tokens noise_BL (got None)")
         return xt_BL != noise_BL
@@ -252,7 +252,7 @@ class AbsorbingUniformProcess(ForwardProcess):
 # per step). ``categorical`` is imported inside the kernels: the samplers package imports this module.
 
 def mdlm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, mask_id: int, generator) -> torch.Tensor:
-    """MDLM ancestral update (SPEC 5.4): ``z_s ~ Cat((a_s - a_t) x̂ + (1 - a_s) e_{z_t})`` at masked
+    """MDLM ancestral update (docs/theory.md §5.4): ``z_s ~ Cat((a_s - a_t) x̂ + (1 - a_s) e_{z_t})`` at masked
     positions (the weights sum to ``1 - a_t``; the draw needs no normalisation); clean tokens are
     frozen whatever the prediction says. The mask column of ``x̂`` is ignored."""
     from udmtrain.diffusion.samplers import categorical as cat
@@ -264,9 +264,9 @@ def mdlm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, mask_id: int, generat
 
 
 def uniform_plugin_step(loo_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
-    """UDLM reverse step (SPEC 1.2, 5.4): ``z_s ~ N(x̂)/Z(x̂)``, the bridge with ``x̂ = Lo`` plugged in.
+    """UDLM reverse step (docs/theory.md §1.2, 5.4): ``z_s ~ N(x̂)/Z(x̂)``, the bridge with ``x̂ = Lo`` plugged in.
 
-    Must be fed the LOO (SPEC 10.8): by linearity of ``N``, ``N(Lo)/Z(Lo) = sum_v D(v) q(z_s | z_t, v)``,
+    Must be fed the LOO (docs/theory.md §10.8): by linearity of ``N``, ``N(Lo)/Z(Lo) = sum_v D(v) q(z_s | z_t, v)``,
     the exact posterior mixture of bridges; plugging ``D`` double-counts the own token.
     ``N = (a_s - a_t) x̂ + (a_s - a_t)(1 - a_s)/(V a_s) 1 + (V a_t x̂(z) + a_t/a_s - a_t) e_z`` (the
     terms of ``functional.uniform_bridge``) is drawn as that mixture, without forming it.
@@ -282,7 +282,7 @@ def uniform_plugin_step(loo_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) 
 
 
 def audm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
-    """AUDM ancestral update (SPEC 4): MDLM with the per-position mask token ``n``.
+    """AUDM ancestral update (docs/theory.md §4): MDLM with the per-position mask token ``n``.
 
     Active positions (``z = n``) draw ``z_s ~ Cat((a_s - a_t) p + (1 - a_s) e_{z_t})`` (they stay at
     ``n`` w.p. ``((1-a_s) + (a_s-a_t) p(n)) / (1-a_t)``); inactive ones (``z != n``) are clean and

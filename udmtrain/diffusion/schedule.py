@@ -1,4 +1,4 @@
-"""Noise schedules: ``t in [0, 1] -> alpha_t`` = probability that a token is still clean (SPEC 1).
+"""Noise schedules: ``t in [0, 1] -> alpha_t`` = probability that a token is still clean (docs/theory.md §1).
 
 Shape legend: ``t_B`` float ``[B]``; ``alpha_B``, ``dalpha_B``, ``sigma_B`` float ``[B]``.
 """
@@ -43,7 +43,7 @@ class LogLinearSchedule(Schedule):
     @dataclass(kw_only=True, frozen=True)
     class Config:
         eps: float = 1e-3
-        """alpha(1) = eps: the prior is reached up to this residue (SPEC 1, 10.11)."""
+        """alpha(1) = eps: the prior is reached up to this residue (docs/theory.md §1, 10.11)."""
 
         def __post_init__(self) -> None:
             _check_eps(self.eps, "loglinear")

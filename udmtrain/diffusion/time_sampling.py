@@ -1,4 +1,4 @@
-"""Diffusion times, one per sequence, identical on every rank without shared RNG state (SPEC 3, 10.10).
+"""Diffusion times, one per sequence, identical on every rank without shared RNG state (docs/theory.md §3, 10.10).
 
 Each rank regenerates the *global* vector ``t_G`` (``G`` = micro batch x data-parallel ranks x
 accumulation steps) from a fresh ``torch.Generator`` seeded by ``(seed, step)`` and keeps its own

@@ -28,7 +28,7 @@ import torch.distributed as tdist
 
 
 def _ds():
-    """Import deepspeed lazily (no import-time side effects, DESIGN C15).
+    """Import deepspeed lazily (no import-time side effects, docs/design.md C15).
 
     ``DS_ACCELERATOR`` is defaulted first so CPU runs skip the accelerator probe and its warning.
     """

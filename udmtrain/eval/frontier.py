@@ -1,6 +1,6 @@
 """Generative frontiers: a resumable sweep over sampler settings and its gen-PPL vs entropy plot.
 
-A frontier (SPEC 7, App. A; "compare curves, not points") is one curve per number of steps, each
+A frontier (docs/theory.md §7, App. A; "compare curves, not points") is one curve per number of steps, each
 point a (temperature, top_p) setting, x = mean unigram entropy, y = gen PPL on a log axis; the point
 at temperature 1 and top_p 1 (the untempered model) is marked with a star.
 

@@ -1,6 +1,6 @@
 """Generative perplexity of samples under an autoregressive judge, plus unigram entropy (and MAUVE).
 
-The only module that imports ``transformers`` (lazily, for the judge). Protocol (SPEC 7, App. A),
+The only module that imports ``transformers`` (lazily, for the judge). Protocol (docs/theory.md §7, App. A),
 MDLM-style, every knob recorded in the returned JSON-able dict:
 
 1. decode the diffusion samples to text (``decode_fn``, special tokens as the caller decides);
@@ -10,7 +10,7 @@ MDLM-style, every knob recorded in the returned JSON-able dict:
    ``s_0..s_{n-1}`` (batched, right padding + attention mask; padding is never scored);
 4. **first-EOS rule**: count target j iff ``s_j != eos`` or s_j is the first EOS of the sequence
    (position 0 included: a leading BOS=EOS makes every later EOS uncounted, as in MDLM);
-5. corpus level: ``gen_ppl = exp( sum_counted nll / #counted )``. No sample is dropped (SPEC 10.15:
+5. corpus level: ``gen_ppl = exp( sum_counted nll / #counted )``. No sample is dropped (docs/theory.md §10.15:
    the last batch may be smaller).
 
 Entropy: per sample, the unigram entropy ``H = -sum_v p_v log p_v`` (natural log) of the sample's

@@ -3,7 +3,7 @@
 Legend: ``x0_BL`` LongTensor ``[B, L]`` clean tokens; ``valid_BL`` BoolTensor ``[B, L]`` (padding is
 False); ``t_B`` float ``[B]`` diffusion times; ``nelbo_BL`` float ``[B, L]`` per-token NELBO integrand.
 
-The quantity estimated (SPEC 7, SPEC 10.11) is, per sequence x,
+The quantity estimated (docs/theory.md §7, docs/theory.md §10.11) is, per sequence x,
 
     NELBO(x) = 1/(1-eps) * integral_eps^1  sum_l ell(x, t)_l  dt  =  E_{t ~ U[eps, 1]} [ sum_l ell_l ],
 
@@ -55,7 +55,7 @@ _STATS = ("sum_nelbo", "sum_tokens", "num_sequences", "sum_nelbo_sq", "sum_token
 
 
 def _split_batch(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch (``{"input_ids", "valid"}``, DESIGN data contract) or a bare ``[B, L]`` tensor."""
+    """A loader batch (``{"input_ids", "valid"}``, docs/architecture.md "Data") or a bare ``[B, L]`` tensor."""
     if isinstance(batch, torch.Tensor):
         x_BL = batch
         valid_BL = torch.ones_like(x_BL, dtype=torch.bool)
@@ -228,7 +228,7 @@ def estimate_nelbo(nelbo_fn: NelboFn, batches: Iterable[Any], *, num_t_samples: 
     record = {"estimator": "nelbo", "method": method, "num_t_samples": K, "eps": eps, "seed": seed,
               "time_sampling": ("stratified per sequence: t_k = eps + (1-eps)(u+k)/K, u ~ U[0,1)"
                                 if method == "mc" else "Gauss-Legendre nodes on [eps, 1]"),
-              "t_integral": "1/(1-eps) * int_eps^1 (SPEC 10.11)"}
+              "t_integral": "1/(1-eps) * int_eps^1 (docs/theory.md §10.11)"}
     if protocol:
         record.update(protocol)
     return _finish(stats_S, all_reduce_sum, record)

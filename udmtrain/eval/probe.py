@@ -1,4 +1,4 @@
-"""Leave-one-out sensitivity probe (SPEC 5.7): does the model's "LOO" really ignore the own token?
+"""Leave-one-out sensitivity probe (docs/theory.md §5.7): does the model's "LOO" really ignore the own token?
 
 Legend: ``xt_BL`` LongTensor ``[B, L]`` state of a sampler trajectory; ``time_B`` float ``[B]`` (the
 value is passed to ``loo_fn`` verbatim: t, alpha or sigma, whatever the caller's ``loo_fn`` expects);

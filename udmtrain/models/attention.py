@@ -1,4 +1,4 @@
-"""Self-attention and its kernel choice; the ONLY module that imports ``flash_attn`` (DESIGN C15).
+"""Self-attention and its kernel choice; the ONLY module that imports ``flash_attn`` (docs/design.md C15).
 
 Backends (``attn_backend`` in the model config):
 
@@ -146,7 +146,7 @@ def attention(
         elif q_BLHK.dtype not in (torch.bfloat16, torch.float16):
             _log_once(f"attn: flash -> sdpa for this call: inputs are {q_BLHK.dtype} (flash needs bf16/fp16)")
         else:
-            import flash_attn  # owner module of this optional dependency (DESIGN C15)
+            import flash_attn  # owner module of this optional dependency (docs/design.md C15)
 
             return flash_attn.flash_attn_func(q_BLHK, k_BLHK, v_BLHK, dropout_p=0.0, causal=causal)
     q, k, v = (t.transpose(1, 2) for t in (q_BLHK, k_BLHK, v_BLHK))  # [B, H, L, K]

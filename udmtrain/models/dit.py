@@ -1,4 +1,4 @@
-"""DiT backbone ("DDiT", MDLM/DUO style) for every diffusion process (SPEC section 6 and 4).
+"""DiT backbone ("DDiT", MDLM/DUO style) for every diffusion process (docs/theory.md §6 and 4).
 
 ``DiT(cfg, vocab_size, uses_noise_tokens)``: ``forward(xt_BL, sigma_B, noise_BL=None, doc_ids_BL=None)
 -> logits_BLV`` with ``V = vocab_size = process.num_states`` (input and output width).
@@ -14,7 +14,7 @@
 Precision: the caller's autocast (bf16) covers the Linear layers; norms, rotary and the time
 embedding are fp32 islands and the residual stream stays fp32. The returned logits are in the
 autocast dtype (bf16) under autocast: the objective / parameterization upcasts to fp32 before any
-log-softmax (SPEC 0 "Precision", SPEC 10.6).
+log-softmax (docs/theory.md §0 "Precision", docs/theory.md §10.6).
 
 Shape legend: B batch, L length, D hidden, C cond_dim, V vocab_size (= process.num_states).
 """
@@ -37,7 +37,7 @@ class NoiseConditioner(nn.Module):
     """AUDM input fusion of the noisy token ``z``, the noise token ``n`` and the match bit ``m = 1[z = n]``.
 
     * ``separate_linear``: ``h = Linear(2D+1 -> D)([Emb(z); Emb_c(n); m])`` with a second V x D table
-      ``Emb_c`` (+ V D + (2D+1) D + D parameters; SPEC 4);
+      ``Emb_c`` (+ V D + (2D+1) D + D parameters; docs/theory.md §4);
     * ``shared_mlp``: ``Emb_c = Emb`` and ``W_in = Linear(2D+1 -> 4D) -> GELU(tanh) -> Linear(4D -> D)``
       (+ (2D+1) 4D + 4D + 4D D + D parameters);
     * ``shared_embedding`` (parameter-matched with MDLM/UDLM up to 2D scalars):

@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's parameters (SPEC 6: decay 0.9999 with warm-up).
+"""Exponential moving average of a model's parameters (docs/theory.md §6: decay 0.9999 with warm-up).
 
 After the n-th call of ``update`` (n = 1, 2, ...)::
 

@@ -1,4 +1,4 @@
-"""Building blocks shared by the DiT and the AR transformer (SPEC section 6).
+"""Building blocks shared by the DiT and the AR transformer (docs/theory.md §6).
 
 Precision: the caller runs the network under autocast (bf16 on GPU and CPU). Layer norms, the
 rotary embedding and the timestep embedding are fp32 islands: they disable autocast and upcast,
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name -> (hidden_size, num_blocks, num_heads); SPEC section 6 "Sizes".
+# name -> (hidden_size, num_blocks, num_heads); docs/theory.md §6 "Sizes".
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (256, 8, 8),
     "small": (768, 12, 12),
@@ -110,7 +110,7 @@ def timestep_features(sigma_B: torch.Tensor, dim: int = 256, max_period: float =
 
 
 class TimestepEmbedder(nn.Module):
-    """sigma_B -> Linear(F->C) -> SiLU -> Linear(C->C) (SPEC 6; the caller applies the final SiLU).
+    """sigma_B -> Linear(F->C) -> SiLU -> Linear(C->C) (docs/theory.md §6; the caller applies the final SiLU).
 
     Computed in fp32 (weights upcast), returned in the parameters' dtype (fp32 unless the engine
     cast the model to bf16).

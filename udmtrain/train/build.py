@@ -1,4 +1,4 @@
-"""Wiring: the only module that knows every component family (DESIGN C4, C12).
+"""Wiring: the only module that knows every component family (docs/design.md C4, C12).
 
 ``build_components(cfg, vocab_size)`` turns a validated ``RunConfig`` into the pure-torch pieces
 (process, schedule, parameterization, loss, objective, model, sampler) with no distributed state;

@@ -1,6 +1,6 @@
 """Checkpoint directory contract, atomic saves, retention, resume discovery and compatibility checks.
 
-Layout (DESIGN C14)::
+Layout (docs/design.md C14)::
 
     runs/<name>/checkpoints/
       latest                      "step_0000001000\\n", replaced atomically after the rename

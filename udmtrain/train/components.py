@@ -37,7 +37,7 @@ def build_components(cfg: Any, vocab_size: int, *, with_sampler: bool = True) ->
     """Instantiate every registered component named by ``cfg`` for a tokenizer of ``vocab_size``.
 
     The network's width is the process's token space (``process.num_states``: V for the uniform and
-    absorbing-uniform processes, V + 1 for the masked one, SPEC 10.5).
+    absorbing-uniform processes, V + 1 for the masked one, docs/theory.md §10.5).
     """
     from udmtrain.diffusion.objective import ARObjective, DiffusionObjective
 

@@ -1,6 +1,6 @@
 """Metrics: ``metrics.jsonl`` + TensorBoard on rank 0, a console progress line, step timing, MFU.
 
-Machine-readable first (DESIGN C19): each logged step is one JSON object per line in
+Machine-readable first (docs/design.md C19): each logged step is one JSON object per line in
 ``run_dir/metrics.jsonl``, flushed immediately so a crash loses at most the line being written.
 Other ranks get a null logger (``log`` does nothing), so the trainer calls it unconditionally.
 """

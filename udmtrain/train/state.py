@@ -1,4 +1,4 @@
-"""TrainState: the loop's own resumable state (DESIGN C13), stored per rank in every checkpoint.
+"""TrainState: the loop's own resumable state (docs/design.md C13), stored per rank in every checkpoint.
 
 ``step``, ``tokens_seen``, ``num_nonfinite``, ``total_skipped`` and ``ema`` are identical on every
 rank; ``data_cursor`` and ``rng`` are this rank's own (the data loader's position and the RNG

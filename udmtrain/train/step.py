@@ -75,7 +75,7 @@ def doc_ids_kwargs(batch: Any, enabled: bool, device: torch.device) -> dict:
 class TrainStep:
     """One optimizer step: ``accumulation`` micro-batches through the DeepSpeed engine.
 
-    Times: the global stratified vector of step ``step`` (SPEC 3), sliced at
+    Times: the global stratified vector of step ``step`` (docs/theory.md §3), sliced at
     ``(micro_index * world + rank) * micro_batch``; corruption noise from a generator seeded by
     (seed, step, rank, micro_index). A non-finite loss on any rank vetoes the update on every rank.
     With ``data.document_attention`` the batch's ``doc_ids`` go to the objective as ``doc_ids_BL``.

@@ -1,10 +1,10 @@
-"""The train loop: short, with every cadence decided by the component that owns it (DESIGN C11).
+"""The train loop: short, with every cadence decided by the component that owns it (docs/design.md C11).
 
     trainer = build_trainer(run_config)          # udmtrain/train/build.py wires everything
     trainer.train()
 
 One optimizer step = ``accumulation_steps`` micro-batches on every rank. The time of each sequence
-is drawn stratified over the *global* batch from a generator seeded by (seed, step) (SPEC section 3,
+is drawn stratified over the *global* batch from a generator seeded by (seed, step) (docs/theory.md §3,
 bug 10.10), so ranks agree without sharing RNG state and a resumed run draws the same times.
 """
 

@@ -45,7 +45,7 @@ def test_process_corruption_frequencies_and_prior(name):
     assert abs(changed - expected) < 4 * math.sqrt(expected * (1 - expected) / x0.numel())
     if name == "masked":
         assert set(noised.xt_BL.unique().tolist()) <= set(range(V + 1)) and noised.noise_BL is None
-    else:  # exactly V states (SPEC 10.5): the replacement token is uniform over 0..V-1
+    else:  # exactly V states (docs/theory.md §10.5): the replacement token is uniform over 0..V-1
         counts = torch.bincount(noised.xt_BL[noised.xt_BL != x0], minlength=V)
         assert len(counts) == V and counts.min() > 0.9 * counts.float().mean()
     if name == "absorbing_uniform":  # z is n w.p. 1-alpha else x; n is fresh uniform noise

@@ -1,4 +1,4 @@
-"""Every identity of SPEC section 2 / 1.2 / 3.1 checked against the brute-force oracle (float64)."""
+"""Every identity of docs/theory.md §2 / 1.2 / 3.1 checked against the brute-force oracle (float64)."""
 
 import math
 
@@ -76,7 +76,7 @@ def test_uniform_bridge_exact_and_plugin_mixture():
     onehot = torch.nn.functional.one_hot(x, V).double()
     bridge = F.uniform_bridge(onehot, xt, alpha_t, alpha_s)
     assert torch.allclose(bridge, _exact_bridge_by_bayes(V, x, xt, alpha_t, alpha_s), atol=TOL, rtol=0)
-    # plug-in bridge with the exact LOO == denoiser-mixture of exact bridges (SPEC 2)
+    # plug-in bridge with the exact LOO == denoiser-mixture of exact bridges (docs/theory.md §2)
     mixture = sum(den[..., v:v + 1].exp() * F.uniform_bridge(
         torch.nn.functional.one_hot(torch.full_like(xt, v), V).double(), xt, alpha_t, alpha_s) for v in range(V))
     assert torch.allclose(F.uniform_bridge(lo.exp(), xt, alpha_t, alpha_s), mixture, atol=TOL, rtol=0)
@@ -85,7 +85,7 @@ def test_uniform_bridge_exact_and_plugin_mixture():
 
 
 def _udlm_spec_closed_form(lp, x0, xt, a, da):
-    """SPEC 3.1 verbatim: (alpha'/(V alpha)) (term1 - term2)."""
+    """docs/theory.md §3.1 verbatim: (alpha'/(V alpha)) (term1 - term2)."""
     V = lp.shape[-1]
     xbar_th = V * a[..., None] * lp.exp() + (1 - a[..., None])
     log_th = xbar_th.log()

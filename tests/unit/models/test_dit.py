@@ -174,7 +174,7 @@ def test_noise_conditioning_parameter_overheads():
     assert shared - base == 2 * d  # parameter-matched up to the gate and match vectors
 
 
-# --- parameter counts of SPEC section 6 (meta device: no memory) --------------------------------
+# --- parameter counts of docs/theory.md §6 (meta device: no memory) --------------------------------
 
 # small DiT, d=768, 12 blocks, cond 128, counted by hand from the layer shapes:
 #   time MLP 256*128+128 + 128*128+128 = 49,408

@@ -1,4 +1,4 @@
-"""The Gibbs corrector (SPEC 5.5) leaves the exact time-s law invariant: exact by enumeration of the
+"""The Gibbs corrector (docs/theory.md §5.5) leaves the exact time-s law invariant: exact by enumeration of the
 one-site kernel (uniform: over all V**L states; absorbing_uniform: over all (z, n) pairs), plus a
 sampling check through the real sweep code (Gumbel-top-k site choice + Gumbel-argmax draw)."""
 
@@ -51,7 +51,7 @@ def test_uniform_gibbs_kernel_leaves_time_s_marginal_invariant_exactly():
     # controls, so the check can fail: drawing the site from the LOO itself (no noise mixing) ...
     loo = eo.exact_loo(data, V, L, Z, _alpha(smp, Z))
     assert (pi @ _uniform_kernel(loo, Z) - pi).abs().max() > 1e-3
-    # ... and informed site selection (SPEC 5.5 'lowest_log_margin'): the site choice depends on the
+    # ... and informed site selection (docs/theory.md §5.5 'lowest_log_margin'): the site choice depends on the
     # state, so the blocked sampler is only approximately invariant, as documented
     informed = build("pc_gibbs", "uniform", "loo", k_parallel=1, selection="lowest_log_margin")
     score = selection_score(cond, Z, "lowest_log_margin", None)
@@ -65,7 +65,7 @@ def test_uniform_denoiser_network_gives_the_same_exact_conditional():
     c_loo = build("pc_gibbs", "uniform", "loo").conditional(_run(network("uniform", data, "loo"), Z.clone()), S)[0]
     c_den = build("pc_gibbs", "uniform", "denoiser").conditional(
         _run(network("uniform", data, "denoiser"), Z.clone()), S)[0]
-    assert torch.allclose(c_loo, c_den, atol=1e-10)  # SPEC 10.2: convert from what the net returns
+    assert torch.allclose(c_loo, c_den, atol=1e-10)  # docs/theory.md §10.2: convert from what the net returns
 
 
 def test_audm_restricted_gibbs_kernel_leaves_the_lifted_law_invariant_exactly():
@@ -118,4 +118,4 @@ def test_nfe_split_uses_the_whole_budget():
         for c in (0, 1, 2, 3):
             n_steps, corrected = nfe_split(nfe, c)
             assert n_steps + corrected * c == nfe and 0 <= corrected < n_steps
-    assert nfe_split(256, 2) == (86, 85)  # SPEC 5.5 example
+    assert nfe_split(256, 2) == (86, 85)  # docs/theory.md §5.5 example

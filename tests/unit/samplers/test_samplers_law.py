@@ -1,4 +1,4 @@
-"""Every sampler driven by the exact posterior reproduces the data law (SPEC 0 "Tests by enumeration").
+"""Every sampler driven by the exact posterior reproduces the data law (docs/theory.md §0 "Tests by enumeration").
 
 Law: a random law over all 3**3 sequences; 4000 samples per sampler; Pearson chi-square against the
 law with 26 degrees of freedom, threshold = the 1e-4 upper quantile (~62). A sampler whose per-step
@@ -55,5 +55,5 @@ def test_exact_posterior_reproduces_the_data_law(sampler, process, param, kind, 
 def test_negative_controls_fail_the_same_check():
     # one MDLM step draws the positions independently: the product of the marginals, not the law
     assert _chi2_of("ancestral", "masked", "denoiser", None, {"num_steps": 1}) > 5 * THRESHOLD
-    # a denoiser network declared as LOO plugs D into the bridge: over-sticky (SPEC 10.8)
+    # a denoiser network declared as LOO plugs D into the bridge: over-sticky (docs/theory.md §10.8)
     assert _chi2_of("ancestral", "uniform", "loo", "denoiser", {}) > 3 * THRESHOLD

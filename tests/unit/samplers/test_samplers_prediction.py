@@ -1,4 +1,4 @@
-"""Categorical draws, temperature modes (SPEC 5.2), nucleus (SPEC 5.3) and the plug-in bridge identity,
+"""Categorical draws, temperature modes (docs/theory.md §5.2), nucleus (docs/theory.md §5.3) and the plug-in bridge identity,
 checked exactly against the enumeration oracle."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _own(z_BL):
     return torch.nn.functional.one_hot(z_BL, V).to(torch.float64)
 
 
-C = V * ALPHA / (1 - ALPHA)  # c_t of SPEC 1
+C = V * ALPHA / (1 - ALPHA)  # c_t of docs/theory.md §1
 
 
 # ----------------------------------------------------------------------------- categorical
@@ -113,7 +113,7 @@ def test_temperature_modes_uniform_exact(param):
     # 'denoiser': tempered D; its LOO ∝ D^{1/T} / (1 + c 1[v=i])
     assert torch.allclose(pred("denoiser", "denoiser"), _norm(D / T), atol=TOL)
     assert torch.allclose(pred("denoiser", "loo"), _norm(D / T - torch.log1p(C * own)), atol=TOL)
-    # 'logits': raw logits / T before the parameterization's conversion (SPEC 5.2 consequences)
+    # 'logits': raw logits / T before the parameterization's conversion (docs/theory.md §5.2 consequences)
     if param == "loo":
         assert torch.allclose(pred("logits", "loo"), _norm(Lo / T), atol=TOL)
     else:  # a denoiser network: Lo' ∝ Lo^{1/T} (1+c)^{(1/T - 1) 1[v=i]} -- tempers the own-token evidence

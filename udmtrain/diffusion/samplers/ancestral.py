@@ -24,7 +24,7 @@ from udmtrain.registry import SAMPLER
 
 
 def max_coupling_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) -> torch.Tensor:
-    """Max-coupling kernel (SPEC 3.3, 5.4): ``z_s ~ Cat((a_s-a_t)/(1-a_t) D + (1-a_s)/(1-a_t) e_{z_t})``."""
+    """Max-coupling kernel (docs/theory.md §3.3, 5.4): ``z_s ~ Cat((a_s-a_t)/(1-a_t) D + (1-a_s)/(1-a_t) e_{z_t})``."""
     a_t, a_s = alpha_t_B1.to(torch.float64), alpha_s_B1.to(torch.float64)
     return cat.sample_mixture(generator, dense_BLV=den_probs_BLV, dense_weight=(a_s - a_t) / (1 - a_t),
                               atoms=[(z_BL, (1 - a_s) / (1 - a_t))])
@@ -34,7 +34,7 @@ def max_coupling_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator) ->
 class AncestralSampler(Sampler):
     """The process's own ancestral sampler (``process.ancestral_step``): MDLM (masked), UDLM plug-in
     bridge with the LOO (uniform; a denoiser network is converted to the LOO by the parameterization,
-    never plugged in directly, SPEC 10.8) or AUDM (absorbing_uniform). ``num_steps`` network calls,
+    never plugged in directly, docs/theory.md §10.8) or AUDM (absorbing_uniform). ``num_steps`` network calls,
     except that the cache may skip calls whose state did not change."""
 
     @dataclass(kw_only=True, frozen=True)
@@ -68,12 +68,12 @@ class AncestralSampler(Sampler):
 
 @SAMPLER.register("max_coupling")
 class MaxCouplingSampler(Sampler):
-    """The maximal-coupling reverse kernel with the model's denoiser (SPEC 3.3, 5.4).
+    """The maximal-coupling reverse kernel with the model's denoiser (docs/theory.md §3.3, 5.4).
 
     Given ``x`` the kernel preserves ``q_s(.|x)`` for every process of the form
     ``alpha e_x + (1 - alpha) pi`` whose states are all tokens; averaging it with the exact denoiser
     therefore preserves the marginal of z, so an exact model reproduces the data law as the steps grow
-    (the factorised per-position draw is the only error). Its NELBO is loose (SPEC 3.3), its sampler
+    (the factorised per-position draw is the only error). Its NELBO is loose (docs/theory.md §3.3), its sampler
     is not. Any noise tokens are carried unchanged (a known-clean position has ``D = e_z``)."""
 
     needs: ClassVar = frozenset({"token_states"})

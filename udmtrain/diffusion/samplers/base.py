@@ -14,14 +14,14 @@ recipe key). Conditioning tokens are clamped at every step at the positions of a
 positions; correctors never select them. ``network`` is any callable ``(xt_BL, sigma_B, noise_BL) ->
 logits_BLV``; all calls go through :meth:`Sampler.call_network`, which counts the NFE and passes
 ``sigma_B = schedule.sigma(t_B)`` (float32, the network's time input). Random numbers come only from
-the ``generator`` argument (SPEC 10.3), so a seed fixes the samples.
+the ``generator`` argument (docs/theory.md §10.3), so a seed fixes the samples.
 
 The base class owns the time loop (:meth:`Sampler.generate`); a sampler supplies one step
 (:meth:`Sampler.step`). What a sampler needs from the process is a set of capability words
 (``needs``, see ``udmtrain.diffusion.process.CAPABILITIES``), checked by the recipe validator at config
 time and again at construction; samplers never branch on the process's name.
 
-Time grid (SPEC 5.1): ``t_k = 1 - k/n``, ``k = 0..n``; step ``k`` goes from ``t_k`` to ``t_{k+1}``; the
+Time grid (docs/theory.md §5.1): ``t_k = 1 - k/n``, ``k = 0..n``; step ``k`` goes from ``t_k`` to ``t_{k+1}``; the
 last step lands on ``s = 0`` where ``alpha = 1`` and every kernel returns clean tokens.
 """
 
@@ -129,7 +129,7 @@ class Sampler(abc.ABC):
         num_steps: int = 256
         """Number of network evaluations (NFE budget) of one ``sample`` call."""
         temperature: float = 1.0
-        """Sampling temperature T > 0 (SPEC 5.2); 1 leaves the model's distribution unchanged."""
+        """Sampling temperature T > 0 (docs/theory.md §5.2); 1 leaves the model's distribution unchanged."""
         temperature_on: Literal["auto", "loo", "denoiser", "logits"] = "auto"
         """What T divides: 'logits' = raw network logits before the parameterization's conversion;
         'loo' / 'denoiser' = that posterior's log-probs (then renormalised, converted exactly if the
@@ -137,7 +137,7 @@ class Sampler(abc.ABC):
         temperature sampling), 'denoiser' otherwise."""
         top_p: float = 1.0
         """Nucleus mass in (0, 1] applied to the per-position prediction the kernel consumes
-        (SPEC 5.3; top-1 always kept, renormalised); 1 disables it."""
+        (docs/theory.md §5.3; top-1 always kept, renormalised); 1 disables it."""
         record_trajectory: bool = False
         """Keep a CPU copy of the state after every step in ``SampleOutput.trajectory``."""
 
@@ -259,10 +259,10 @@ class Sampler(abc.ABC):
         """The kernel's per-position prediction at ``t``: tempered, nucleus-truncated log-probs.
 
         ``want`` = ``"denoiser"`` (``log D``) or ``"loo"`` (``log Lo``, uniform only). Temperature per
-        ``temperature_on`` (SPEC 5.2): 'logits' divides the raw logits before the parameterization's
+        ``temperature_on`` (docs/theory.md §5.2): 'logits' divides the raw logits before the parameterization's
         conversion; 'loo'/'denoiser' temper that object, renormalise, and convert exactly to ``want``
         with ``functional.loo_to_denoiser`` / ``denoiser_to_loo`` when it differs. Then top-p
-        (SPEC 5.3). Returns ``[B, L, V]`` float32 (float64 if the network returns float64).
+        (docs/theory.md §5.3). Returns ``[B, L, V]`` float32 (float64 if the network returns float64).
         """
         alpha = self.alpha_B1(t, run) if alpha_B1 is None else alpha_B1
         logits = self.call_network(run, t, sigma_B)
@@ -280,7 +280,7 @@ class Sampler(abc.ABC):
             logp = self.posterior_logp(logits / T if T != 1.0 else logits, run, alpha, want)
         else:
             logp = cat.temper(self.posterior_logp(logits, run, alpha, mode), T)
-            if mode != want:  # exact Bayes conversion (SPEC 2) of the tempered object
+            if mode != want:  # exact Bayes conversion (docs/theory.md §2) of the tempered object
                 convert = F.loo_to_denoiser if want == "denoiser" else F.denoiser_to_loo
                 logp = convert(logp, run.z_BL, alpha)
         return cat.top_p_filter(logp, self.cfg.top_p)
@@ -297,7 +297,7 @@ class Sampler(abc.ABC):
 
     def clamp(self, run: SamplingRun) -> None:
         """Write the prompt (or prefix) into the state. For AUDM its noise token is set to a different
-        token (``(x + 1) mod V``), which marks it certainly clean (SPEC 1.3), so an exact posterior
+        token (``(x + 1) mod V``), which marks it certainly clean (docs/theory.md §1.3), so an exact posterior
         conditions on it exactly; for the masked process clean tokens are frozen anyway; for the
         uniform process clamping is the usual heuristic (the prompt is seen as a noisy draw). The
         training objective keeps prompt positions clean the same way, so the network has seen them so."""

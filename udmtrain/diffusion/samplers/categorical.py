@@ -191,7 +191,7 @@ def gumbel_topk(score_BL: torch.Tensor, k: int, tau: float, generator: torch.Gen
 
 
 def temper(logp_BLV: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Tempered, renormalised log-probs ``log softmax(log p / T)`` (SPEC 5.2), i.e. ``p^{1/T} / Z``.
+    """Tempered, renormalised log-probs ``log softmax(log p / T)`` (docs/theory.md §5.2), i.e. ``p^{1/T} / Z``.
 
     ``T = 1`` returns the input unchanged (no renormalisation round-off).
     """
@@ -201,7 +201,7 @@ def temper(logp_BLV: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def top_p_filter(logp_BLV: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus truncation (SPEC 5.3) of normalised log-probs, renormalised -> ``[B, L, V]``.
+    """Nucleus truncation (docs/theory.md §5.3) of normalised log-probs, renormalised -> ``[B, L, V]``.
 
     Per row: sort descending, keep the smallest prefix whose cumulative mass is ``>= top_p`` (the
     top-1 is always kept), set the rest to ``-inf`` and renormalise. ``top_p >= 1`` is the identity.

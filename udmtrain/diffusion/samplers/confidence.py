@@ -1,4 +1,4 @@
-"""Greedy confidence sampler (SPEC 5.6), for every process.
+"""Greedy confidence sampler (docs/theory.md §5.6), for every process.
 
 Shape legend: ``B`` batch, ``L`` length, ``V`` states; ``score_BL`` float64 margins.
 
@@ -7,10 +7,10 @@ Each of the ``num_steps`` steps makes one network call at the grid time t, takes
 the margin ``max_v log D(v) - log D(z^l)`` (>= 0) and sets the ``k = ceil(L / num_steps)`` positions
 (L: free positions, i.e. not prompt/prefix)
 with the LARGEST margin to ``argmax_v D``. Largest, as the reference code does (its docstring says
-"lowest confidence"; SPEC 10.14): the positions where the current token is least supported by the
+"lowest confidence"; docs/theory.md §10.14): the positions where the current token is least supported by the
 model are fixed first. A masked (or mask-suppressed) current token has ``log D = -inf``; it is clamped
 to -1e6 so masked positions rank first and, among them, by the model's top probability. No random
-numbers are drawn after the prior. The AUDM noise tokens are passed explicitly (SPEC 10.4, 10.12);
+numbers are drawn after the prior. The AUDM noise tokens are passed explicitly (docs/theory.md §10.4, 10.12);
 ``n`` is kept, so a position set to a token other than its ``n`` becomes clean.
 """
 

@@ -1,18 +1,18 @@
-"""Informed predictor-corrector sampler (SPEC 5.5) for processes with a Gibbs corrector (uniform, absorbing-uniform).
+"""Informed predictor-corrector sampler (docs/theory.md §5.5) for processes with a Gibbs corrector (uniform, absorbing-uniform).
 
 Shape legend: ``B`` batch, ``L`` length, ``V`` tokens; ``cond_BLV`` log full conditionals of one site
 given the rest, ``score_BL`` site-selection scores.
 
-NFE accounting (SPEC 5.1): with ``c = corrector_steps`` and budget ``N = num_steps``,
+NFE accounting (docs/theory.md §5.1): with ``c = corrector_steps`` and budget ``N = num_steps``,
 ``corrected = (N - 1) // (1 + c)`` predictor steps are each followed by ``c`` corrector sweeps and
 ``n_steps = N - corrected * c`` predictor steps are taken, so the network is called exactly N times
 and the last step (to s = 0) is never corrected.
 
 Corrector targets (each sweep = 1 network call at time s, temperature 1 and no nucleus, so it targets
-the model's own time-s marginal; SPEC 10.2/10.3 fixed: the LOO comes from what the parameterization
+the model's own time-s marginal; docs/theory.md §10.2/10.3 fixed: the LOO comes from what the parameterization
 returns, is normalised, and every draw uses the generator):
 
-* uniform: ``p_s(z^l = v | z^{-l}) = a_s Lo(v) + (1 - a_s)/V`` (SPEC 2, ``functional.noisy_conditional``).
+* uniform: ``p_s(z^l = v | z^{-l}) = a_s Lo(v) + (1 - a_s)/V`` (docs/theory.md §2, ``functional.noisy_conditional``).
 * absorbing_uniform, state ``(z, n)``. Per position, ``P(z=v, n=u | x) = [(1-a) 1[u=v] + a 1[v=x]] / V``.
   With ``Lo_A(x) = P(x^l = x | z^{-l}, n^{-l})`` the AUDM LOO,
   ``P(z^l=v, n^l=u | rest) = [(1-a) 1[u=v] + a Lo_A(v)] / V``. At an *active* site (``z^l = n^l = i``)
@@ -25,7 +25,7 @@ returns, is normalised, and every draw uses the generator):
   active, is reversible for the AUDM law (``pi(x) K(x,y) = pi(x) pi(y) / pi(A)`` is symmetric), so the
   ``random`` rule with ``k_parallel = 1`` leaves the exact time-s law invariant.
 
-Site selection (SPEC 5.5): score per site, ``k = min(k_parallel, #eligible)`` sites drawn without
+Site selection (docs/theory.md §5.5): score per site, ``k = min(k_parallel, #eligible)`` sites drawn without
 replacement by Gumbel-top-k on ``score / selection_tau``; they are resampled in parallel from their
 conditionals. Only ``random`` with ``k_parallel = 1`` is an exact Gibbs kernel; informed rules (site
 choice depends on the state) and ``k > 1`` (parallel updates) are approximations, as in the reference.
@@ -48,7 +48,7 @@ PREDICTORS = ("ancestral", "reaudm", "max_coupling")
 
 
 def nfe_split(num_steps: int, corrector_steps: int) -> tuple[int, int]:
-    """``(n_steps, corrected)`` of SPEC 5.1: ``n_steps + corrected * corrector_steps == num_steps``."""
+    """``(n_steps, corrected)`` of docs/theory.md §5.1: ``n_steps + corrected * corrector_steps == num_steps``."""
     if corrector_steps == 0:
         return num_steps, 0
     corrected = (num_steps - 1) // (1 + corrector_steps)
@@ -70,7 +70,7 @@ SELECTION_RULES = {
 
 
 def selection_score(cond_BLV, z_BL, rule, generator=None) -> torch.Tensor:
-    """Per-site score (higher = more likely to be resampled), SPEC 5.5 -> float64 ``[B, L]``.
+    """Per-site score (higher = more likely to be resampled), docs/theory.md §5.5 -> float64 ``[B, L]``.
 
     ``rule``: a name of ``SELECTION_RULES`` or one of its functions (resolved once by the sampler)."""
     score = SELECTION_RULES[rule] if isinstance(rule, str) else rule
@@ -96,7 +96,7 @@ class PCGibbsSampler(Sampler):
         """Sites resampled in parallel per sweep (1 = exact single-site Gibbs)."""
         selection: Literal["lowest_log_margin", "lowest_current_prob", "lowest_maxprob", "random"] = (
             "lowest_log_margin")
-        """Site-selection rule (SPEC 5.5)."""
+        """Site-selection rule (docs/theory.md §5.5)."""
         selection_tau: float = 1.0
         """Temperature of the Gumbel-top-k site selection (> 0; large = close to uniform)."""
 

@@ -1,4 +1,4 @@
-"""ReAUDM sampler for processes with noise tokens (absorbing-uniform): lifted UDM bridge + exact noise resampling (SPEC 4).
+"""ReAUDM sampler for processes with noise tokens (absorbing-uniform): lifted UDM bridge + exact noise resampling (docs/theory.md §4).
 
 Shape legend: ``B`` batch, ``L`` length, ``V`` tokens; ``z_BL`` tokens, ``noise_BL`` the per-position
 noise tokens ``n``; ``*_B1`` float64 ``[B, 1]``.
@@ -24,7 +24,7 @@ from udmtrain.registry import SAMPLER
 
 def reaudm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ReAUDM step -> ``(z_s, n_s)``, both LongTensor ``[B, L]`` (SPEC 4, steps 1-3)."""
+    """One ReAUDM step -> ``(z_s, n_s)``, both LongTensor ``[B, L]`` (docs/theory.md §4, steps 1-3)."""
     V = den_probs_BLV.shape[-1]
     x_tilde = cat.sample_from_probs(den_probs_BLV, generator)
     # the exact uniform bridge from x~ (functional.uniform_bridge of the one-hot e_{x~}) as a mixture of
@@ -44,10 +44,10 @@ def reaudm_step(den_probs_BLV, z_BL, noise_BL, alpha_t_B1, alpha_s_B1, generator
 
 @SAMPLER.register("reaudm")
 class ReAUDMSampler(Sampler):
-    """ReAUDM: the AUDM-trained posterior driven through the lifted UDM bridge (SPEC 4).
+    """ReAUDM: the AUDM-trained posterior driven through the lifted UDM bridge (docs/theory.md §4).
 
     ``num_steps`` network calls; the noise tokens are always passed to the network explicitly
-    (SPEC 10.12) and returned in ``SampleOutput.noise_BL``."""
+    (docs/theory.md §10.12) and returned in ``SampleOutput.noise_BL``."""
 
     needs: ClassVar = frozenset({"noise_tokens"})
 

@@ -1,4 +1,4 @@
-"""ReMDM remasking sampler for the masked process (SPEC 5.4, Wang et al. 2025 "ReMDM").
+"""ReMDM remasking sampler for the masked process (docs/theory.md §5.4, Wang et al. 2025 "ReMDM").
 
 Shape legend: ``B`` batch, ``L`` length, ``V`` states (V tokens + mask), ``*_B1`` float64 ``[B, 1]``.
 
@@ -25,7 +25,7 @@ from udmtrain.registry import SAMPLER
 
 
 def remdm_step(den_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, remask_B1, mask_id: int, generator) -> torch.Tensor:
-    """One ReMDM step (SPEC 5.4) -> ``z_s`` ``[B, L]``; the remasking probability ``remask_B1`` must be
+    """One ReMDM step (docs/theory.md §5.4) -> ``z_s`` ``[B, L]``; the remasking probability ``remask_B1`` must be
     ``<= r_max``."""
     x_tilde = cat.sample_from_probs(cat.drop_state(den_probs_BLV, mask_id), generator)
     x_tilde = torch.where(z_BL == mask_id, x_tilde, z_BL)  # carry-over whatever the net says
