@@ -117,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args, unknown = build_parser().parse_known_args(argv)
     overrides = inf.sampler_overrides(args, inf.split_overrides(unknown))
-    inf.require_diffusion_run(args.ckpt, "tools/gen_ppl.py")
     if args.sweep and not args.out_dir:
         raise inf.InferenceError("--sweep needs --out-dir (where frontier.csv and frontier.png go)")
     if args.out:
         check_writable(args.out, "--out")
     if args.out_dir:
         check_writable(args.out_dir, "--out-dir", directory=True)
+    inf.require_diffusion_run(args.ckpt, "tools/gen_ppl.py")
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema, device=device)
     settings = parse_sweep(args.sweep, loaded) if args.sweep else None  # validate before loading the judge

@@ -55,9 +55,9 @@ def default_device(device: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     overrides = inf.sampler_overrides(args, inf.split_overrides(unknown))
-    inf.require_diffusion_run(args.ckpt, "tools/sample.py")
     if args.out:
         check_writable(args.out, "--out")
+    inf.require_diffusion_run(args.ckpt, "tools/sample.py")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema,
                                     device=default_device(args.device))
     batch_size = args.batch_size or args.num_samples
