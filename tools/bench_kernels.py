@@ -18,6 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/bench.py (emit) beside this file
 
 
 def gumbel_bridge_step(loo_probs_BLV, z_BL, alpha_t_B1, alpha_s_B1, generator):
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import emit
     from bench_sample import _randomise_zero_init
     from udmtrain.config import load_recipe
-    from udmtrain.diffusion.samplers.ancestral import uniform_plugin_step
+    from udmtrain.diffusion.process import uniform_plugin_step
     from udmtrain.train.components import NetworkCall, build_components
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -53,7 +53,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from udmtrain.diffusion.objective import CHUNK_ELEMENTS, DiffusionObjective
-    from udmtrain.diffusion.time_sampling import stratified_times
+    from udmtrain.diffusion.time_sampling import antithetic_times
     from udmtrain.registry import LOSS, PARAMETERIZATION, PROCESS, SCHEDULE
 
     torch.set_num_threads(1)
@@ -72,14 +72,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     chunk_before = obj.chunk_elements
     obj.chunk_elements = 1 if chunk < (1 << 62) else chunk
     obj(lambda *a, **k: small, torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.bool),
-        stratified_times(1, 0, 1), gen).loss.backward()
+        antithetic_times(1, 0, 1), gen).loss.backward()
     obj.chunk_elements = chunk_before
     logits = torch.randn(B, L, V, generator=gen, dtype=dtype).requires_grad_(True)
     x0 = torch.randint(0, spec["vocab_size"], (B, L), generator=gen)
     valid = torch.ones(B, L, dtype=torch.bool)
     t0 = time.perf_counter()
     base = max(_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    out = obj(lambda *a, **k: logits, x0, valid, stratified_times(B, 0, 1), gen)
+    out = obj(lambda *a, **k: logits, x0, valid, antithetic_times(B, 0, 1), gen)
     out.loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     delta = max(0, peak - base)

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY_POINTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "tools").glob("*.py")) + ["launch/pretrain.py"]
+# every script of tools/ (a helper module such as tools/bench_bare.py, imported by tools/bench.py, has no
+# ``__main__`` block and is not an entry point)
+ENTRY_POINTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "tools").glob("*.py")
+                      if '__name__ == "__main__"' in p.read_text(encoding="utf-8")) + ["launch/pretrain.py"]
 
 
 def load(entry: str):

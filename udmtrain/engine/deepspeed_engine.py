@@ -173,6 +173,11 @@ def check_rendezvous_port(addr: str, port: int) -> None:
             ) from None
 
 
+_OWN_PORT = False
+"""True once this process chose its own MASTER_PORT (a plain single-process run): a fresh free port is then
+picked for every (re)initialisation, and no collision check is needed."""
+
+
 def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
     """Initialise the process group (idempotent) and return ``(rank, world_size, device)``.
 
@@ -180,10 +185,11 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     ``python`` run (no launcher) the launcher's variables get defaults: RANK=0, WORLD_SIZE=1,
     LOCAL_RANK=0, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT.
     """
+    global _OWN_PORT
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        _OWN_PORT = _OWN_PORT or "MASTER_PORT" not in os.environ
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
@@ -194,7 +200,11 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     if not (tdist.is_available() and tdist.is_initialized()):
         remove_stale_build_locks()
-        if os.environ.get("RANK", "0") == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        if _OWN_PORT:
+            # chosen here, free now (a port picked for an earlier group of this process may still be held
+            # by its store, e.g. several in-process runs in one test session)
+            os.environ["MASTER_PORT"] = str(_free_port())
+        elif os.environ.get("RANK", "0") == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
             # (under torchrun the launcher's agent already serves the store on MASTER_PORT)
             check_rendezvous_port(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         _ds().init_distributed(dist_backend=backend)
