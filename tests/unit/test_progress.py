@@ -34,7 +34,10 @@ def test_interval_limits_the_lines_and_unknown_totals_work():
 
 
 def test_other_ranks_are_silent(monkeypatch):
-    monkeypatch.setenv("RANK", "1")
+    import udmtrain.utils.dist as dist
+
+    monkeypatch.setenv("RANK", "1")  # before any process group exists
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)  # and inside one (the session's gloo group is rank 0)
     out = io.StringIO()
     with progress(3, "eval", stream=out, interval=0) as bar:
         bar.update(3)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import socket
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -356,6 +357,24 @@ def teardown() -> None:
         with contextlib.suppress(Exception):
             tdist.barrier()
         tdist.destroy_process_group()
+        _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop the process groups DeepSpeed caches at module level (``deepspeed.utils.groups``, e.g. its
+    clone of the world group): they belong to the destroyed group, and a later ``init_distributed`` in
+    the same process (several in-process runs, e.g. a test session) would otherwise hand them to
+    collectives ("Group ... is not registered")."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, value in list(vars(groups).items()):
+        if not (name.startswith("_") and name.isupper()):
+            continue
+        if isinstance(value, dict):
+            value.clear()
+        elif isinstance(value, tdist.ProcessGroup):
+            setattr(groups, name, None)
 
 
 def load_fp32_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
