@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB_SIZE = 400
@@ -56,3 +54,15 @@ def assert_refused(code: int, output: str, *culprits: str) -> str:
     lines = [line for line in output.splitlines() if all(c in line for c in culprits)]
     assert lines, f"no single line names {culprits}:\n{output[-3000:]}"
     return lines[0]
+
+
+def call(name: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run ``tools/<name>.py``'s ``main(argv)`` in-process as its CLI does -> ``(exit code, stdout + stderr)``."""
+    from udmtrain.train import inference as inf
+
+    try:
+        code = inf.run_cli(tool(name).main, argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from fault_helpers import TINY, assert_refused, run, tool
+from fault_helpers import TINY, assert_refused, call, run
 
-from udmtrain.train import inference as inf
 
 
 class Payload:
@@ -37,15 +36,6 @@ def plant(path: Path, marker: Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own fixture: trusted
     state["payload"] = Payload(marker)
     torch.save(state, path)
-
-
-def in_process(name: str, argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = inf.run_cli(tool(name).main, argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def target_file(run_dir: Path, where: str) -> Path:
@@ -76,7 +66,7 @@ def test_planted_payload_is_refused_by_tools(run_copy: Path, tmp_path: Path, cap
         argv = [str(run_copy), *args]
     else:
         argv = ["--ckpt", str(run_copy), *args]
-    code, out = in_process(name, argv, capsys)
+    code, out = call(name, argv, capsys)
     assert not marker.exists(), "the planted payload ran"
     assert_refused(code, out, victim.name, "refused")
     assert not (tmp_path / "export").exists() and not (run_copy / "samples").exists()
@@ -113,7 +103,7 @@ def test_old_checkpoint_with_numpy_rng_state_still_loads(run_copy: Path, capsys)
     expected = np.random.random(3)
     restore_rng_state(load_rank_state(step_dir(run_copy), 0)["rng"])
     assert np.array_equal(np.random.random(3), expected)
-    code, out = in_process("inspect_ckpt", [str(run_copy)], capsys)
+    code, out = call("inspect_ckpt", [str(run_copy)], capsys)
     assert code == 0, out
 
 
@@ -121,7 +111,7 @@ def test_eval_ppl_refuses_a_shard_outside_the_manifest(trained_run: Path, data_c
     import shutil
 
     shutil.copy(data_copy / "valid-000000.tar", data_copy / "valid-999999.tar")
-    code, out = in_process("eval_ppl", ["--ckpt", str(trained_run), "--data", str(data_copy)], capsys)
+    code, out = call("eval_ppl", ["--ckpt", str(trained_run), "--data", str(data_copy)], capsys)
     assert_refused(code, out, "valid-999999.tar", "not listed")
 
 

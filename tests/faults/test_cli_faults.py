@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fault_helpers import TINY, assert_refused, data_overrides, run, tool
+from fault_helpers import TINY, assert_refused, call, data_overrides, run
 
-from udmtrain.train import inference as inf
 
 BAD_VALUES = [  # (tool, argv, flag)
     ("eval_ppl", ["--ckpt", "X", "--num-t-samples", "0"], "--num-t-samples"),
@@ -35,15 +34,6 @@ BAD_VALUES = [  # (tool, argv, flag)
     ("bench", ["data", "--shards", "X", "--num-batches", "0"], "--num-batches"),
     ("bench", ["data", "--shards", "X", "--batch-size", "0"], "--batch-size"),
 ]
-
-
-def call(name: str, argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = inf.run_cli(tool(name).main, argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.mark.parametrize("name,argv,flag", BAD_VALUES, ids=[f"{n}{' '.join(a[-2:])}" for n, a, _ in BAD_VALUES])
