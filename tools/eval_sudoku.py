@@ -16,6 +16,10 @@ rerun skips rows already there) and OUT.png (solved fraction vs steps, one line 
 sampler setting is ``NAME`` or ``NAME:key=value:...``; ``greedy`` is the recipe's sampler at
 temperature 1e-4 on the logits (argmax decoding), ``NAME:greedy`` the same for NAME; ``confidence`` is
 greedy by construction.
+
+An autoregressive run (``recipes/sudoku_ar.yaml``) reads the puzzle and decodes the solution left to
+right, one network call per cell: greedy by default, ``--temperature T [--top-p P]`` to draw; the
+diffusion sampler options and ``--sweep`` do not apply to it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ar_decoder(args: argparse.Namespace, unknown: list[str]):
+    """The left-to-right decoder for an AR run; refuses the options that only diffusion samplers take."""
+    from udmtrain.eval.ar_decode import ARPromptDecoder
+
+    given = [flag for flag, value in (("--sampler", args.sampler), ("--steps", args.steps),
+                                      ("--temperature-on", args.temperature_on), ("--sweep", args.sweep)) if value]
+    given += list(unknown)
+    if given:
+        raise inf.InferenceError(f"{args.ckpt} is an autoregressive run: it decodes the solution left to right, "
+                                 f"one network call per cell, so {', '.join(given)} do not apply; it takes "
+                                 "--temperature (0 = greedy, the default) and --top-p")
+    try:
+        return ARPromptDecoder(temperature=0.0 if args.temperature is None else args.temperature,
+                               top_p=1.0 if args.top_p is None else args.top_p)
+    except ValueError as err:
+        raise inf.InferenceError(str(err)) from None
+
+
 def _load(args: argparse.Namespace, overrides: list[str]) -> inf.Loaded:
     from udmtrain.train.inference import load_ema_shadow, resolve_checkpoint
 
@@ -58,8 +80,6 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> inf.Loaded:
         use_ema = load_ema_shadow(resolve_checkpoint(args.ckpt)) is not None
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=use_ema, device=device)
-    if not loaded.components.is_diffusion:
-        raise inf.InferenceError(f"{loaded.step_dir} is an autoregressive run; eval_sudoku needs a diffusion run")
     if loaded.tokenizer.name != "sudoku" or int(loaded.cfg.data.seq_len) != 164:
         raise inf.InferenceError(f"{loaded.step_dir} was not trained on Sudoku (tokenizer "
                                  f"{loaded.tokenizer.name!r}, seq_len {loaded.cfg.data.seq_len}); train a "
@@ -72,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from udmtrain.eval import sudoku as ev
 
     args, unknown = build_parser().parse_known_args(argv)
-    overrides = inf.sampler_overrides(args, inf.split_overrides(unknown))
+    decoder = _ar_decoder(args, inf.split_overrides(unknown)) if inf.is_autoregressive_run(args.ckpt) else None
+    overrides = [] if decoder else inf.sampler_overrides(args, inf.split_overrides(unknown))
     if args.num_puzzles < 1 or args.batch_size < 1:
         raise inf.InferenceError(f"--num-puzzles ({args.num_puzzles}) and --batch-size ({args.batch_size}) "
                                  "must be >= 1")
@@ -95,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             "num_puzzles": len(puzzles), "seed": args.seed, "batch_size": args.batch_size}
 
     def run(here: inf.Loaded) -> dict:
-        report = ev.evaluate(here.components.sampler, network, puzzles, args.batch_size, args.seed,
-                             loaded.device, progress=True)
-        return {**base, "sampler": inf.sampler_settings(here), **report}
+        sampler = decoder or here.components.sampler
+        report = ev.evaluate(sampler, network, puzzles, args.batch_size, args.seed, loaded.device, progress=True)
+        return {**base, "sampler": decoder.settings() if decoder else inf.sampler_settings(here), **report}
 
     if settings is None:
         report = run(loaded)

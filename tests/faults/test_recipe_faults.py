@@ -97,3 +97,9 @@ def test_real_process_output_for_a_bad_value() -> None:
     proc = run(["launch/pretrain.py", "--recipe", QUICKSTART, "--dry-run", "optim.lr=-1"], timeout=120)
     assert_refused(proc.returncode, proc.stderr, "command line arg 1", "optim.lr")
     assert proc.stdout == ""
+
+
+def test_dry_run_refuses_a_position_table_shorter_than_the_sequence(capsys) -> None:
+    code, out = pretrain_main(["--recipe", QUICKSTART, "--dry-run", "model.learned_positions=100"], capsys)
+    line = assert_refused(code, out, "command line arg 1", "model.learned_positions")
+    assert "model.learned_positions >= 128" in out, line

@@ -1,6 +1,6 @@
-"""Sudoku end to end on tiny real runs (CPU): prepare_data --source sudoku, 3-step MDLM and AUDM runs of
-the shipped Sudoku recipes through launch/pretrain.py, then eval_sudoku (single setting and a sweep)
-and eval_ppl, whose token count must leave the prompt out."""
+"""Sudoku end to end on tiny real runs (CPU): prepare_data --source sudoku, 3-step MDLM, AUDM and AR runs
+of the shipped Sudoku recipes through launch/pretrain.py, then eval_sudoku (single setting, a sweep, the
+AR run's left-to-right decoding) and eval_ppl, whose token count must leave the prompt out."""
 
 import csv
 import json
@@ -23,9 +23,10 @@ def sudoku_runs(tmp_path_factory):
         "--no-progress", "--out", d / "data")
     common = [f"data.train_shards={d}/data/train-*.tar", f"data.valid_shards={d}/data/valid-*.tar",
               f"run.output_root={d}/runs", *TINY]
-    for name in ("mdlm", "audm"):
+    for name in ("mdlm", "audm", "ar"):
+        tiny = [o for o in common if not (name == "ar" and o.startswith("model.cond_dim"))]  # AR: no time input
         run(REPO / "launch/pretrain.py", "--recipe", REPO / "recipes" / f"sudoku_{name}.yaml", f"run.name={name}",
-            *common)
+            *tiny)
     return d
 
 
@@ -60,3 +61,15 @@ def test_eval_ppl_counts_only_solution_tokens(sudoku_runs):
     run(REPO / "tools/eval_ppl.py", "--ckpt", sudoku_runs / "runs" / "mdlm", "--no-ema", "--out", out)
     (result,) = json.loads(out.read_text())["results"]
     assert result["num_sequences"] == 8 and result["num_tokens"] == 8 * 82  # 81 solution digits + END
+
+
+def test_eval_sudoku_decodes_an_ar_run_left_to_right(sudoku_runs):
+    out = sudoku_runs / "ar.json"
+    run(REPO / "tools/eval_sudoku.py", "--ckpt", sudoku_runs / "runs" / "ar", "--num-puzzles", 3, "--out", out)
+    report = json.loads(out.read_text())
+    assert report["sampler"] == {"name": "autoregressive", "temperature": 0.0, "top_p": 1.0, "greedy": True}
+    assert report["nfe"] == 82 and report["num_puzzles"] == 3  # one call per solution cell and the END token
+    assert all(len(ex["output"]) == 81 for ex in report["examples"])  # 3 steps: graded, not expected to solve
+    bad = run(REPO / "tools/eval_sudoku.py", "--ckpt", sudoku_runs / "runs" / "ar", "--steps", 4,
+              "--out", sudoku_runs / "ar_bad.json", check=False)
+    assert bad.returncode == 2 and "autoregressive run" in bad.stderr and "--steps" in bad.stderr

@@ -4,7 +4,8 @@
 -> logits_BLV`` with ``V = vocab_size = process.num_states`` (input and output width).
 
 * input ``h_BLD = Emb(z)`` (kaiming-uniform table, no absolute positions); for AUDM
-  (``uses_noise_tokens``) ``h = W_in[Emb(z); Emb_c(n); 1[z=n]]`` (see ``NoiseConditioner``);
+  (``uses_noise_tokens``) ``h = W_in[Emb(z); Emb_c(n); 1[z=n]]`` (see ``NoiseConditioner``); with
+  ``learned_positions: N > 0`` a learned table adds ``P_l`` to position ``l`` (``LearnedPositions``);
 * ``c_BC = SiLU(MLP(sinusoid(sigma)))`` (sigma zeroed when ``time_conditioning`` is False);
 * blocks: pre-LN adaLN-Zero, ``x += gate * Dropout(f(modulate(LN(x), shift, scale)))`` for
   ``f`` = bidirectional RoPE attention and the GELU MLP; ``adaLN: Linear(C -> 6D)`` zero-init, so
@@ -29,7 +30,15 @@ from torch import nn
 
 from udmtrain.models.attention import SelfAttention
 from udmtrain.models.flops import transformer_flops_per_token
-from udmtrain.models.layers import MLP, LayerNorm, TimestepEmbedder, TokenEmbedding, modulate, resolve_size
+from udmtrain.models.layers import (
+    MLP,
+    LayerNorm,
+    LearnedPositions,
+    TimestepEmbedder,
+    TokenEmbedding,
+    modulate,
+    resolve_size,
+)
 from udmtrain.registry import MODEL
 
 
@@ -146,9 +155,14 @@ class DiT(nn.Module):
         """AUDM input fusion of the per-position noise token; must be set iff the process has noise tokens."""
         time_conditioning: bool = True
         """Feed sigma_t to the network; False feeds 0 (MDLM convention)."""
+        learned_positions: int = 0
+        """Length N of a learned absolute position table added to the input embedding, on top of RoPE:
+        0 = none (the MDLM/DUO DiT); otherwise N >= data.seq_len. For fixed layouts (Sudoku's grid)."""
 
         def __post_init__(self) -> None:
             resolve_size("model (dit)", self.size, self.hidden_size, self.num_blocks, self.num_heads)
+            if self.learned_positions < 0:
+                raise ValueError(f"model (dit): learned_positions must be >= 0 (0 = none), got {self.learned_positions}")
             if self.cond_dim <= 0 or self.mlp_ratio <= 0:
                 raise ValueError(
                     f"model (dit): cond_dim and mlp_ratio must be positive, got {self.cond_dim}, {self.mlp_ratio}"
@@ -179,6 +193,7 @@ class DiT(nn.Module):
         self.time_conditioning = bool(cfg.time_conditioning)
         """Whether the output depends on ``sigma_B`` (samplers read it: ``build_sampler``)."""
         self.embedding = TokenEmbedding(vocab_size, dim)
+        self.positions = LearnedPositions(cfg.learned_positions, dim) if cfg.learned_positions else None
         self.noise_conditioner = (
             NoiseConditioner(cfg.noise_conditioning, vocab_size, dim) if uses_noise_tokens else None
         )
@@ -209,12 +224,19 @@ class DiT(nn.Module):
         h_BLD = self.embedding(xt_BL)
         if self.noise_conditioner is not None:
             h_BLD = self.noise_conditioner(h_BLD, self.embedding, xt_BL, noise_BL)
+        if self.positions is not None:
+            h_BLD = self.positions(h_BLD)
         if not self.time_conditioning:
             sigma_B = torch.zeros_like(sigma_B)
         c_BC = nn.functional.silu(self.time_embedding(sigma_B))
         for block in self.blocks:
             h_BLD = block(h_BLD, c_BC, doc_ids_BL)
         return self.final(h_BLD, c_BC)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Raise ``ValueError`` if the model cannot take ``seq_len`` tokens (a too short position table)."""
+        if self.positions is not None:
+            self.positions.check_length(seq_len, "model (dit)")
 
     def num_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token ``6 N_matmul + 12 num_blocks D seq_len`` (``udmtrain.models.flops``)."""

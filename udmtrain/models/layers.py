@@ -194,3 +194,31 @@ class TokenEmbedding(nn.Module):
     def forward(self, ids_BL: torch.Tensor) -> torch.Tensor:
         """LongTensor [B, L] -> [B, L, D] in the parameter dtype (fp32 residual stream)."""
         return F.embedding(ids_BL, self.weight)
+
+
+class LearnedPositions(nn.Module):
+    """A learned absolute position table ``P`` [N, D] added to the input: ``h_l <- h_l + P_l``.
+
+    Optional on top of RoPE (which only sees relative offsets). Tasks with a fixed layout, such as
+    Sudoku's 81 cells in a row-major 9 x 9 grid, need to know *which* cell a position is (its row,
+    column and box); a table lets attention learn those relations directly. Initialised N(0, 0.02^2)
+    (GPT-2's convention), small next to the token embedding.
+    """
+
+    def __init__(self, max_positions: int, dim: int) -> None:
+        super().__init__()
+        self.max_positions = max_positions
+        self.weight = nn.Parameter(torch.empty(max_positions, dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def check_length(self, seq_len: int, owner: str) -> None:
+        """Raise ``ValueError`` when ``seq_len`` positions do not fit the table."""
+        if seq_len > self.max_positions:
+            raise ValueError(f"{owner}: sequences of {seq_len} tokens need model.learned_positions >= {seq_len} "
+                             f"(it is {self.max_positions}); raise it or set it to 0 (RoPE only)")
+
+    def forward(self, h_BLD: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D] (``h``'s dtype); ``L <= max_positions``."""
+        self.check_length(h_BLD.shape[1], "LearnedPositions")
+        return h_BLD + self.weight[: h_BLD.shape[1]].to(h_BLD.dtype)
+

@@ -371,16 +371,21 @@ def with_sampler(loaded: Loaded, overrides: Sequence[str]) -> Loaded:
     return dataclasses.replace(loaded, cfg=cfg, components=dataclasses.replace(c, sampler=sampler))
 
 
-def require_diffusion_run(ckpt: str | os.PathLike, tool: str) -> None:
-    """``InferenceError`` naming the real problem when ``ckpt`` is an autoregressive run (its recipe has no
-    ``process``), checked on the saved recipe before any override (``--steps`` would otherwise fail
-    on the AR recipe's empty ``sampler`` section with a confusing message)."""
+def is_autoregressive_run(ckpt: str | os.PathLike) -> bool:
+    """Whether ``ckpt``'s saved recipe has no ``process`` (an AR run), read before any override is applied
+    (``--steps`` would otherwise fail on the AR recipe's empty ``sampler`` section with a confusing
+    message). False when the recipe is missing: ``load_for_inference`` reports that."""
     from udmtrain.config import load_recipe
 
     step_dir = resolve_checkpoint(ckpt)
     if not (step_dir / "recipe.yaml").is_file():
-        return  # load_for_inference reports the missing recipe
-    if load_recipe(os.fspath(step_dir / "recipe.yaml")).process is None:
+        return False
+    return load_recipe(os.fspath(step_dir / "recipe.yaml")).process is None
+
+
+def require_diffusion_run(ckpt: str | os.PathLike, tool: str) -> None:
+    """``InferenceError`` naming the real problem when ``ckpt`` is an autoregressive run."""
+    if is_autoregressive_run(ckpt):
         raise InferenceError(f"{os.fspath(ckpt)} is an autoregressive run (its recipe has no process); {tool} needs "
                              "a diffusion run, e.g. runs/quickstart-audm or runs/quickstart-udlm")
 

@@ -44,7 +44,10 @@ def construction_issues(cfg: Any, vocab_size: int | None = None) -> list[ConfigI
             return None
 
     with torch.device("meta"):
-        attempt("model", lambda: build_components(cfg, vocab_size, with_sampler=True))
+        components = attempt("model", lambda: build_components(cfg, vocab_size, with_sampler=True))
+    check_seq_len = getattr(getattr(components, "model", None), "check_seq_len", None)
+    if check_seq_len is not None:  # e.g. a learned position table shorter than data.seq_len
+        attempt("model", lambda: check_seq_len(int(cfg.data.seq_len)))
     optimizer = attempt("optim", lambda: build_optimizer(cfg.optim.name, cfg.optim.cfg, device="cpu")(
         [torch.nn.Parameter(torch.zeros(1))]))
     if optimizer is not None:

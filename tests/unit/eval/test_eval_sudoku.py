@@ -128,3 +128,44 @@ def test_puzzles_from_shards_and_csv(tmp_path):
     assert ev.load_puzzles(str(tmp_path / "d"), "valid", limit=3) == puzzles[:3]
     S.write_csv(str(tmp_path / "p.csv"), puzzles)
     assert ev.load_puzzles(str(tmp_path / "p.csv")) == puzzles
+
+
+class _NextIsPlusOne:
+    """An AR 'network' whose logits at position l put all the mass near ``(x_l + 1) mod V``, recording the
+    prefix lengths it was called with."""
+
+    def __init__(self, V: int) -> None:
+        self.V, self.calls = V, []
+
+    def __call__(self, x_BL: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x_BL.shape[1])
+        return 20.0 * torch.nn.functional.one_hot((x_BL + 1) % self.V, self.V).float()
+
+
+def test_ar_decoder_keeps_the_prompt_and_decodes_greedily():
+    from udmtrain.eval.ar_decode import ARPromptDecoder
+
+    V, L = 10, 7
+    tokens = torch.tensor([[3, 0, 0, 8, 0, 0, 0], [5, 6, 0, 1, 0, 0, 0]])
+    prompt = torch.tensor([[1, 0, 0, 1, 0, 0, 0], [1, 1, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    net = _NextIsPlusOne(V)
+    out = ARPromptDecoder().sample(net, 2, L, torch.Generator().manual_seed(0), tokens, prompt_mask_BL=prompt)
+    assert out.tokens_BL.tolist() == [[3, 4, 5, 8, 9, 0, 1], [5, 6, 7, 1, 2, 3, 4]]
+    assert net.calls == [1, 2, 4, 5, 6] and out.nfe == 5  # position 3 is prompt in both rows: no call
+    with pytest.raises(ValueError, match="position 0 must be a prompt position"):
+        ARPromptDecoder().sample(net, 2, L, torch.Generator(), tokens, prompt_mask_BL=prompt.roll(1, dims=1))
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        ARPromptDecoder(temperature=-1.0)
+
+
+def test_ar_decoder_draws_from_the_tempered_law():
+    from udmtrain.eval.ar_decode import ARPromptDecoder
+
+    logits_V = torch.tensor([0.0, 1.0, 2.0])
+    B = 20_000
+    draw = ARPromptDecoder(temperature=2.0).sample(
+        lambda x_BL: logits_V.expand(x_BL.shape[0], x_BL.shape[1], 3), B, 2, torch.Generator().manual_seed(1),
+        torch.zeros(B, 2, dtype=torch.long), prompt_mask_BL=torch.tensor([[True, False]]).expand(B, 2))
+    freq = torch.bincount(draw.tokens_BL[:, 1], minlength=3).double() / B
+    p = torch.softmax(logits_V.double() / 2.0, dim=0)
+    assert torch.all((freq - p).abs() < 5 * torch.sqrt(p * (1 - p) / B)), (freq, p)

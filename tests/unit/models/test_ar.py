@@ -88,3 +88,18 @@ def test_small_parameter_count():
     block = 2 * 768 + 768 * 2304 + 768 * 768 + (768 * 3072 + 3072) + (3072 * 768 + 768)
     expected = vocab * 768 + 12 * block + 768 + 768 * vocab + vocab
     assert num_params(build_on_meta(ARTransformer.Config(size="small"), vocab)) == expected
+
+
+def test_learned_positions_change_the_prediction_and_check_the_length():
+    cfg = dict(hidden_size=32, num_blocks=2, num_heads=4, dropout=0.0)
+    net = ARTransformer(ARTransformer.Config(**cfg, learned_positions=10), 16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randint(0, 16, (2, 10))
+    before = net(x)
+    with torch.no_grad():
+        net.positions.weight.add_(1.0)
+    assert not torch.allclose(before, net(x))
+    with pytest.raises(ValueError, match=r"model.learned_positions >= 11"):
+        net(torch.randint(0, 16, (2, 11)))

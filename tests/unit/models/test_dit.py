@@ -199,3 +199,27 @@ def test_small_separate_linear_counts_match_spec(vocab, spec_millions):
     assert abs(sep / 1e6 - spec_millions) / spec_millions < 1e-3
     mlp = num_params(build_on_meta(DiT.Config(size="small", noise_conditioning="shared_mlp"), vocab, True))
     assert round((mlp - plain) / 1e6, 1) == 7.1
+
+
+def test_learned_positions_enter_only_as_an_input_sum_and_check_the_length():
+    """The table is the only extra tensor; with it zeroed the network equals the one without it, with
+    it non-zero the output differs; a sequence longer than the table is refused, naming the key."""
+    with_table, without = DiT(tiny(learned_positions=12), V), DiT(tiny(), V)
+    assert set(with_table.state_dict()) - set(without.state_dict()) == {"positions.weight"}
+    with torch.no_grad():  # adaLN-Zero and the zero head make every DiT constant at init: perturb them
+        for p in with_table.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    without.load_state_dict({k: v for k, v in with_table.state_dict().items() if k != "positions.weight"})
+    x, sigma = inputs(L=12)
+    assert not torch.allclose(with_table(x, sigma), without(x, sigma))
+    with torch.no_grad():
+        with_table.positions.weight.zero_()
+    torch.testing.assert_close(with_table(x, sigma), without(x, sigma))
+    with pytest.raises(ValueError, match=r"model.learned_positions >= 13 \(it is 12\)"):
+        with_table(*inputs(L=13))
+    with pytest.raises(ValueError, match="model.learned_positions >= 20"):
+        with_table.check_seq_len(20)
+    with pytest.raises(ValueError, match="learned_positions must be >= 0"):
+        tiny(learned_positions=-1)
+    with_table.check_seq_len(12)
+    without.check_seq_len(10_000)  # RoPE only: any length
