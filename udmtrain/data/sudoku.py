@@ -66,44 +66,53 @@ def _masks(cells: list[int]) -> tuple[list[int], list[int], list[int]] | None:
     return rows, cols, boxes
 
 
-def _search(cells: list[int], rows: list[int], cols: list[int], boxes: list[int], limit: int,
+def _search(cells: list[int], rows: list[int], cols: list[int], boxes: list[int], empties: list[int], limit: int,
             rng: random.Random | None, out: list[list[int]]) -> int:
-    """Backtracking with MRV on ``cells`` (modified in place, restored); appends found grids to ``out``
-    (at most ``limit``), returns how many were found. ``rng`` shuffles candidate order (generation)."""
+    """Backtracking with MRV over the blank cells ``empties`` (``cells``, the masks and ``empties`` are
+    modified in place and restored, ``empties`` possibly reordered); appends found grids to ``out`` (at
+    most ``limit``), returns how many were found. ``rng`` shuffles candidate order (generation)."""
     best, best_mask, best_count = -1, 0, 10
-    for i in range(N_CELLS):
-        if cells[i] == 0:
-            mask = ALL & ~(rows[ROW[i]] | cols[COL[i]] | boxes[BOX[i]])
-            n = _POPCOUNT[mask]
-            if n < best_count:
-                best, best_mask, best_count = i, mask, n
-                if n <= 1:
-                    break
+    for j, i in enumerate(empties):
+        mask = ALL & ~(rows[ROW[i]] | cols[COL[i]] | boxes[BOX[i]])
+        n = _POPCOUNT[mask]
+        if n < best_count:
+            best, best_mask, best_count = j, mask, n
+            if n <= 1:
+                break
     if best < 0:
         out.append(list(cells))
         return 1
     if best_count == 0:
         return 0
+    i = empties[best]
+    empties[best] = empties[-1]
+    empties.pop()
     digits = _DIGITS[best_mask]
     if rng is not None and best_count > 1:
         digits = list(digits)
         rng.shuffle(digits)
-    r, c, b = ROW[best], COL[best], BOX[best]
+    r, c, b = ROW[i], COL[i], BOX[i]
     found = 0
     for d in digits:
         bit = 1 << d
-        cells[best] = d
+        cells[i] = d
         rows[r] |= bit
         cols[c] |= bit
         boxes[b] |= bit
-        found += _search(cells, rows, cols, boxes, limit - found, rng, out)
+        found += _search(cells, rows, cols, boxes, empties, limit - found, rng, out)
         rows[r] &= ~bit
         cols[c] &= ~bit
         boxes[b] &= ~bit
         if found >= limit:
             break
-    cells[best] = 0
+    cells[i] = 0
+    empties.append(i)
     return found
+
+
+def _blanks(cells: list[int]) -> list[int]:
+    """Indices of the blank (0) cells."""
+    return [i for i in range(N_CELLS) if cells[i] == 0]
 
 
 def to_cells(grid: str) -> list[int]:
@@ -123,7 +132,7 @@ def solve(grid: str, limit: int = 2) -> list[str]:
     if masks is None:
         return []
     out: list[list[int]] = []
-    _search(cells, *masks, limit, None, out)
+    _search(cells, *masks, _blanks(cells), limit, None, out)
     return [to_string(s) for s in out]
 
 
@@ -149,43 +158,6 @@ def puzzle_rng(seed: int, index: int) -> random.Random:
     return random.Random(int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0]))
 
 
-def _fill(cells: list[int], rows: list[int], cols: list[int], boxes: list[int], empties: list[int],
-          rng: random.Random) -> bool:
-    """Fill the ``empties`` of ``cells`` (MRV, random candidate order); True once the grid is complete."""
-    best, best_mask, best_count = -1, 0, 10
-    for j, i in enumerate(empties):
-        mask = ALL & ~(rows[ROW[i]] | cols[COL[i]] | boxes[BOX[i]])
-        n = _POPCOUNT[mask]
-        if n < best_count:
-            best, best_mask, best_count = j, mask, n
-            if n <= 1:
-                break
-    if best < 0:
-        return True
-    if best_count == 0:
-        return False
-    i = empties[best]
-    empties[best] = empties[-1]
-    empties.pop()
-    digits = list(_DIGITS[best_mask])
-    rng.shuffle(digits)
-    r, c, b = ROW[i], COL[i], BOX[i]
-    for d in digits:
-        bit = 1 << d
-        cells[i] = d
-        rows[r] |= bit
-        cols[c] |= bit
-        boxes[b] |= bit
-        if _fill(cells, rows, cols, boxes, empties, rng):
-            return True
-        rows[r] &= ~bit
-        cols[c] &= ~bit
-        boxes[b] &= ~bit
-    cells[i] = 0
-    empties.append(i)
-    return False
-
-
 def random_grid(rng: random.Random) -> str:
     """A random complete grid (see the module docstring).
 
@@ -203,8 +175,9 @@ def random_grid(rng: random.Random) -> str:
             rows[ROW[i]] |= 1 << d
             cols[COL[i]] |= 1 << d
             boxes[BOX[i]] |= 1 << d
-    _fill(cells, rows, cols, boxes, [i for i in range(N_CELLS) if cells[i] == 0], rng)
-    return to_string(cells)
+    grids: list[list[int]] = []
+    _search(cells, rows, cols, boxes, _blanks(cells), 1, rng, grids)  # the first completion, random candidate order
+    return to_string(grids[0])
 
 
 def _remove_clues(solution: list[int], target: int, rng: random.Random) -> list[int]:
@@ -232,7 +205,7 @@ def _remove_clues(solution: list[int], target: int, rng: random.Random) -> list[
             rows[r] |= obit
             cols[c] |= obit
             boxes[b] |= obit
-            solvable = _search(cells, rows, cols, boxes, 1, None, [])
+            solvable = _search(cells, rows, cols, boxes, _blanks(cells), 1, None, [])
             rows[r] &= ~obit
             cols[c] &= ~obit
             boxes[b] &= ~obit
