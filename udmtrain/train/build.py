@@ -54,7 +54,7 @@ def build_trainer(cfg: Any) -> Run:
     from udmtrain.models.ema import EMA
     from udmtrain.models.flops import flops_per_token
     from udmtrain.train.checkpoint import Checkpointer
-    from udmtrain.train.metrics import MetricLogger, StepTimer, measure_peak_flops
+    from udmtrain.train.metrics import MetricLogger, StepTimer, measure_peak_flops, slow_bf16_note
     from udmtrain.train.signals import GracefulExit
     from udmtrain.config.loader import dump_yaml
     from udmtrain.train.state import TrainState
@@ -90,6 +90,10 @@ def build_trainer(cfg: Any) -> Run:
             ema = EMA(engine.module, decay=cfg.train.ema_decay)
     # measured before the checkpoint restores the RNG states (it uses a private generator anyway)
     peak = measure_peak_flops(device, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32)
+    if cfg.engine.precision == "bf16" and device.type == "cpu":
+        note = slow_bf16_note(peak, measure_peak_flops(device, torch.float32))
+        if note:
+            print0(note)
     state = TrainState()
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.every, cfg.checkpoint.keep_last, cfg.checkpoint.resume)
     train_loader = build_train_loader(cfg.data, cfg.engine.micro_batch_size, rank, world, cfg.run.seed)

@@ -70,6 +70,15 @@ def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = 
     return 2.0 * size**3 / best
 
 
+def slow_bf16_note(bf16_flops: float, fp32_flops: float) -> str | None:
+    """A one-line note when bf16 matmuls are slower than fp32 on this device (measured peaks, FLOP/s):
+    CPUs without native bf16 units (no AVX512-BF16 / AMX) emulate them, often ~4x slower than fp32."""
+    if bf16_flops >= fp32_flops:
+        return None
+    return (f"note: this machine multiplies bf16 matrices at {bf16_flops / 1e9:.0f} GFLOP/s and fp32 at "
+            f"{fp32_flops / 1e9:.0f} GFLOP/s (no native bf16 units), so engine.precision=fp32 trains faster here")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -92,3 +92,17 @@ def test_bf16_engine_step_on_cpu(dist_group):
 def test_load_missing_checkpoint_is_clear(dist_group, tmp_path):
     with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint"):
         dse.load(_engine(0), tmp_path)
+
+
+def test_single_rank_stage0_skips_the_identity_allreduce_and_keeps_exact_gradients(dist_group):
+    engine = _engine(0)  # 2 micro-batches per step: DeepSpeed scales each loss by 1/2
+    assert engine.enable_backward_allreduce is False  # one data-parallel rank: nothing to average
+    assert _engine(1).enable_backward_allreduce is True  # ZeRO >= 1 moves gradients into partitions there
+    replica = torch.nn.Sequential(torch.nn.Linear(D_IN, D_HID), torch.nn.GELU(), torch.nn.Linear(D_HID, D_OUT))
+    replica.load_state_dict(dse.full_state_dict(engine.module))
+    for micro in range(2):
+        x, y = _batch(0, micro)
+        ((replica(x) - y).pow(2).mean() / 2).backward()
+        engine.backward((engine(x) - y).pow(2).mean())
+    for (name, p), q in zip(engine.module.named_parameters(), replica.parameters()):
+        assert torch.equal(p.grad, q.grad), name

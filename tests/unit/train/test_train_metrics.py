@@ -92,3 +92,12 @@ def test_recipe_hparams_and_text_samples_reach_tensorboard(tmp_path):
     assert "_hparams_/session_start_info" in content
     info = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert info.session_start_info.hparams["optim.lr"].number_value == pytest.approx(3e-4)
+
+
+def test_slow_bf16_note_only_when_bf16_is_slower():
+    from udmtrain.train.metrics import slow_bf16_note
+
+    assert slow_bf16_note(200e9, 50e9) is None and slow_bf16_note(50e9, 50e9) is None
+    note = slow_bf16_note(55e9, 236e9)
+    assert note == ("note: this machine multiplies bf16 matrices at 55 GFLOP/s and fp32 at 236 GFLOP/s (no "
+                    "native bf16 units), so engine.precision=fp32 trains faster here")
