@@ -113,3 +113,59 @@ def test_same_generator_seed_same_draws():
     one = cat.sample_from_probs(w, torch.Generator().manual_seed(7))
     two = cat.sample_from_probs(w, torch.Generator().manual_seed(7))
     assert torch.equal(one, two)
+
+
+def _sparse_law(V: int) -> torch.Tensor:
+    """Weights over V states: zeros everywhere but a scattered support that includes the first state, a
+    whole zero block, zeros inside blocks and the last (shorter) block."""
+    w = torch.zeros(V, dtype=torch.float64)
+    support = [0, 5, 37, 38, 400, 401, 777, V // 2, V - 40, V - 2]
+    for k, v in enumerate(support):
+        w[v] = float(1 + (k * 7) % 5)
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_level_inverse_cdf_equals_one_level_for_exact_sums(dtype):
+    V = 1500  # >= TWO_LEVEL_MIN_STATES; blocks of 39, the last one 18 states
+    assert V >= cat.TWO_LEVEL_MIN_STATES and V % (cat.math.isqrt(V - 1) + 1)
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.rand(3, 2, V, generator=gen) < 0.05).double() * torch.randint(1, 9, (3, 2, V), generator=gen)
+    w[0, 0] = _sparse_law(V)  # small integer weights: every sum below is exact, also in float32
+    cdf = cat.DenseCDF(w.to(dtype))
+    assert cdf.block == 39 and torch.equal(cdf.total, w.sum(-1))
+    full = torch.cumsum(w, -1)
+    for frac in torch.linspace(0, 1, 301, dtype=torch.float64)[:-1]:
+        target = frac * cdf.total
+        got = cdf.find(target, torch.ones_like(target, dtype=torch.bool))
+        assert torch.equal(got, cat._search(full, target)), frac  # the one-level search
+    # targets on every block boundary (after trailing empty blocks that is the total itself: a rounded-up
+    # target, which must give the last state of positive weight) and just below the total
+    edges = torch.cat([cdf.cum[..., :-1], (cdf.total * (1 - 2**-52)).unsqueeze(-1)], dim=-1)
+    for k in range(edges.shape[-1]):
+        target = edges[..., k].contiguous()
+        assert torch.equal(cdf.find(target, torch.ones_like(target, dtype=torch.bool)), cat._search(full, target))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_draws_follow_the_law(dtype):
+    V = 2000
+    law = _sparse_law(V) + 0.0
+    law[1000:1003] = torch.tensor([1e-2, 0.0, 3e-2])  # small masses next to a zero
+    dense = law.to(dtype).expand(N // 4, 4, V)
+    draws = cat.sample_from_probs(dense, torch.Generator().manual_seed(7))
+    assert _check(draws, law.to(dtype).double()) < chi2_quantile(int((law > 0).sum()) - 1)
+    # the masked process drops its last state by a strided view: same law without it
+    view = cat.drop_state(torch.cat([dense, torch.ones(N // 4, 4, 1, dtype=dtype)], dim=-1), V)
+    assert not view.is_contiguous()
+    assert _check(cat.sample_from_probs(view, torch.Generator().manual_seed(8)), law.to(dtype).double()) < \
+        chi2_quantile(int((law > 0).sum()) - 1)
+
+
+def test_two_level_negative_control():
+    V = 2000
+    law = _sparse_law(V)
+    wrong = law.clone()
+    wrong[V - 2] *= 1.5
+    draws = cat.sample_from_probs(law.expand(N // 4, 4, V), torch.Generator().manual_seed(9))
+    assert _check(draws, wrong) > chi2_quantile(int((law > 0).sum()) - 1)

@@ -16,11 +16,25 @@ it is never drawn, and a tail state keeps its mass down to ``2^-53`` of the tota
 Gumbel-argmax truncated the Gumbel tail at ``~36.7``. The reverse kernels are mixtures
 ``a x + b e_z + c 1`` of a dense prediction ``x``, point masses and the uniform law:
 :func:`sample_mixture` draws the component and the state with the same uniform, so the dense
-weights are never scaled, shifted or copied (one pass over ``[B, L, V]``: the float64 ``cumsum``).
+weights are never scaled, shifted or copied.
+
+For ``V >= TWO_LEVEL_MIN_STATES`` the inverse CDF runs in two levels (:class:`DenseCDF`): the states
+are cut into ``nb`` blocks of ``b = ceil(sqrt V)`` consecutive states; one reduction gives the block
+masses ``S_j`` (the only ``[B, L, V]`` pass: a read, with an ``[B, L, nb]`` output), the target picks
+block ``j`` with ``S_{<j} <= T < S_{<=j}`` (float64 running sum over the blocks), and the residual
+``T - S_{<j}`` (uniform on ``[0, S_j)`` given ``j``) is searched in the float64 running sum of that
+block's ``b`` weights alone. So ``P(v) = (S_j / S) (w_v / S_j) = w_v / S``. The block masses of
+float32/bf16 weights are float32 sums (a float64 reduction would first convert all ``B L V`` weights,
+which costs as much as the one-level running sum): each ``S_j`` carries a relative rounding error of
+at most ``(b - 1) 2^-24`` (< 1.4e-5 at V = 50,257, typically ~1e-7), which scales the block's states'
+probabilities by that factor, the same order as the rounding of the float32 weights themselves and
+far below what any sampling test can see; float64 weights get float64 block sums. A residual rounded
+past the block's running total takes the block's last state of positive weight.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,6 +80,54 @@ def _fix_zero_weight(idx_BL: torch.Tensor, w_BLV: torch.Tensor, used_BL: torch.T
     if bool(bad.any()):
         idx_BL = torch.where(bad, w_BLV.argmax(-1), idx_BL)
     return idx_BL
+
+
+TWO_LEVEL_MIN_STATES = 1024
+"""From this many states on, dense draws search blocks first (below it one running sum is as fast)."""
+
+
+class DenseCDF:
+    """Inverse CDF of non-negative weights ``w_BLV`` (any float dtype, not modified; may be a strided
+    view such as ``drop_state``'s) in float64: ``total_BL`` and ``find(target_BL, used_BL) -> [B, L]``.
+
+    One level below ``TWO_LEVEL_MIN_STATES`` (the float64 running sum over all states), two levels from
+    there on (module docstring): block masses by one reduction, then the float64 running sum of the
+    chosen block's ``b`` weights only.
+    """
+
+    def __init__(self, w_BLV: torch.Tensor) -> None:
+        self.w = w_BLV
+        V = w_BLV.shape[-1]
+        if V < TWO_LEVEL_MIN_STATES:
+            self.block = 0
+            self.cum = torch.cumsum(w_BLV, dim=-1, dtype=torch.float64)
+            self.total = self.cum[..., -1]
+            return
+        self.block = b = math.isqrt(V - 1) + 1  # ceil(sqrt V)
+        full = V // b
+        acc = torch.float64 if w_BLV.dtype == torch.float64 else torch.float32  # module docstring: why float32
+        sums = w_BLV[..., : full * b].unflatten(-1, (full, b)).sum(-1, dtype=acc)  # [B, L, nb]
+        if full * b < V:  # the last, shorter block
+            sums = torch.cat([sums, w_BLV[..., full * b:].sum(-1, keepdim=True, dtype=acc)], dim=-1)
+        self.cum = sums.to(torch.float64).cumsum(-1)  # block running sums [B, L, nb]
+        self.total = self.cum[..., -1]
+
+    def find(self, target_BL: torch.Tensor, used_BL: torch.Tensor) -> torch.Tensor:
+        """The ``v`` with ``C_{v-1} <= target < C_v`` per position (``target`` in ``[0, total)``; a
+        rounded-up target gives the last state of positive weight); ``used_BL`` marks the positions
+        whose draw is kept (the zero-weight guard looks only there)."""
+        if not self.block:
+            return _fix_zero_weight(_search(self.cum, target_BL), self.w, used_BL)
+        b, V = self.block, self.w.shape[-1]
+        j_BL = _search(self.cum, target_BL)  # never a block of zero mass
+        before = torch.where(j_BL > 0, self.cum.gather(-1, (j_BL - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1),
+                             torch.zeros_like(target_BL))
+        rest = (target_BL - before).clamp_min_(0.0)  # uniform on [0, S_j) given the block
+        idx_BLb = j_BL.unsqueeze(-1) * b + torch.arange(b, device=j_BL.device)
+        inside = idx_BLb < V  # the last block may be shorter
+        fine = self.w.gather(-1, idx_BLb.clamp_max(V - 1)).to(torch.float64).masked_fill_(~inside, 0.0)
+        pick = j_BL * b + _search(fine.cumsum(-1), rest)
+        return _fix_zero_weight(pick, self.w, used_BL)
 
 
 def sample_from_probs(probs_BLV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -134,11 +196,11 @@ def sample_mixture(generator: torch.Generator, *, dense_BLV: torch.Tensor | None
         V = int(num_states if num_states is not None else dense_BLV.shape[-1])
         c = mass(uniform_weight)
         masses.append(c * V)
-    cum = None
+    cdf = None
     if dense_BLV is not None:
-        cum = torch.cumsum(dense_BLV, dim=-1, dtype=torch.float64)
+        cdf = DenseCDF(dense_BLV)
         a = mass(dense_weight)
-        masses.append(a * cum[..., -1])
+        masses.append(a * cdf.total)
     bounds = torch.stack(masses, dim=-1).cumsum(-1)  # M_k, [B, L, K]
     target = u * bounds[..., -1]  # < M_last (u <= 1 - 2^-53 and round-to-nearest)
     comp = torch.searchsorted(bounds, target.unsqueeze(-1), right=True).squeeze(-1)
@@ -154,11 +216,10 @@ def sample_mixture(generator: torch.Generator, *, dense_BLV: torch.Tensor | None
         pick = torch.floor(rest / torch.where(c > 0, c, torch.ones_like(c))).long().clamp_(0, V - 1)
         out = torch.where(comp == k, pick, out)
         k += 1
-    if cum is not None:
+    if cdf is not None:
         safe_a = torch.where(a > 0, a, torch.ones_like(a))
         chosen = comp == k
-        pick = _fix_zero_weight(_search(cum, rest / safe_a), dense_BLV, chosen)
-        out = torch.where(chosen, pick, out)
+        out = torch.where(chosen, cdf.find(rest / safe_a, chosen), out)
     return out
 
 
