@@ -82,11 +82,17 @@ class DenoiserParameterization(Parameterization):
         clean_BL = self.process.known_clean(xt_BL, noise_BL)
         if clean_BL is None:
             return logp
-        # carry-over: a known-clean position is e_z (log-prob 0 at z, NEG_LOGIT elsewhere)
-        frozen = logp.masked_fill(clean_BL.unsqueeze(-1), NEG_LOGIT)
+        # carry-over: a known-clean position is e_z (log-prob 0 at z, NEG_LOGIT elsewhere). ``logp`` is this
+        # function's own tensor: without autograd (sampling) it is overwritten in place, saving two
+        # [B, L, V] copies; log_softmax's backward needs its output, so training takes the copies.
+        inplace = not logp.requires_grad
+        frozen = logp.masked_fill_(clean_BL.unsqueeze(-1), NEG_LOGIT) if inplace else \
+            logp.masked_fill(clean_BL.unsqueeze(-1), NEG_LOGIT)
         at_z = torch.where(clean_BL, torch.zeros((), dtype=logp.dtype, device=logp.device),
                            F.gather_tokens(frozen, xt_BL))
-        return frozen.scatter(-1, xt_BL.unsqueeze(-1), at_z.unsqueeze(-1))
+        index = xt_BL.unsqueeze(-1)
+        return frozen.scatter_(-1, index, at_z.unsqueeze(-1)) if inplace else \
+            frozen.scatter(-1, index, at_z.unsqueeze(-1))
 
     def loo_logp(self, logits_BLV, xt_BL, alpha_B1, noise_BL=None):
         self._require_loo()

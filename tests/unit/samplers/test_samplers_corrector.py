@@ -119,3 +119,21 @@ def test_nfe_split_uses_the_whole_budget():
             n_steps, corrected = nfe_split(nfe, c)
             assert n_steps + corrected * c == nfe and 0 <= corrected < n_steps
     assert nfe_split(256, 2) == (86, 85)  # docs/theory.md §5.5 example
+
+
+def test_selection_scores_equal_their_float64_formulas():
+    """The rules pick entries of the float32 conditional (top two, max) instead of copying it to float64:
+    the scores must equal the formulas on a float64 copy, ties at the current token included."""
+    gen = torch.Generator().manual_seed(3)
+    cond = torch.log_softmax(torch.randn(4, 6, 9, generator=gen), -1)
+    z = torch.randint(0, 9, (4, 6), generator=gen)
+    cond[0, 0, z[0, 0]] = cond[0, 0].max()  # a tie between the current token and another state
+    cond[0, 0, (z[0, 0] + 1) % 9] = cond[0, 0].max()
+    c64 = cond.double()
+    current = c64.gather(-1, z[..., None]).squeeze(-1)
+    others = c64.scatter(-1, z[..., None], float("-inf")).amax(-1)
+    want = {"lowest_log_margin": -(current - others), "lowest_current_prob": -current,
+            "lowest_maxprob": -c64.amax(-1)}
+    for rule, expected in want.items():
+        got = selection_score(cond, z, rule)
+        assert got.dtype == torch.float64 and torch.equal(got, expected), rule

@@ -59,7 +59,7 @@ class AncestralSampler(Sampler):
         if self.use_cache and cached is not None and torch.equal(cached[0], run.z_BL):
             probs = cached[1]
         else:
-            probs = self.predict(run, t, self.posterior, alpha_B1=a_t).exp()
+            probs = cat.probs_from_logp(self.predict(run, t, self.posterior, alpha_B1=a_t))
             if self.use_cache:
                 run.cache["ancestral"] = (run.z_BL.clone(), probs)
         run.z_BL, run.noise_BL = self.process.ancestral_step(probs, run.z_BL, run.noise_BL, a_t, a_s,
@@ -82,4 +82,4 @@ class MaxCouplingSampler(Sampler):
         """One max-coupling step with the model's denoiser."""
         a_t, a_s = self.alpha_B1(t, run), self.alpha_B1(s, run)
         den = self.predict(run, t, "denoiser", alpha_B1=a_t)
-        run.z_BL = max_coupling_step(den.exp(), run.z_BL, a_t, a_s, run.generator)
+        run.z_BL = max_coupling_step(cat.probs_from_logp(den), run.z_BL, a_t, a_s, run.generator)

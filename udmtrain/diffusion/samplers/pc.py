@@ -56,17 +56,22 @@ def nfe_split(num_steps: int, corrector_steps: int) -> tuple[int, int]:
 
 
 def _lowest_log_margin(cond, current, z_BL):
-    return -(current - cond.scatter(-1, z_BL[..., None], float("-inf")).amax(-1))
+    # the best other state from the top two of each row: one read of [B, L, V], no copy with z masked out
+    top_BL2, at_BL2 = cond.topk(2, dim=-1)
+    best_other = torch.where(at_BL2[..., 0] == z_BL, top_BL2[..., 1], top_BL2[..., 0])
+    return -(current - best_other.to(torch.float64))
 
 
 SELECTION_RULES = {
     "lowest_log_margin": _lowest_log_margin,
     "lowest_current_prob": lambda cond, current, z_BL: -current,
-    "lowest_maxprob": lambda cond, current, z_BL: -cond.amax(-1),
+    "lowest_maxprob": lambda cond, current, z_BL: -cond.amax(-1).to(torch.float64),
     # random: Gumbel-top-k of zeros = uniform without replacement
     "random": lambda cond, current, z_BL: torch.zeros_like(current),
 }
-"""Site-selection rule name -> ``score(cond float64 [B, L, V], current [B, L], z_BL) -> [B, L]``."""
+"""Site-selection rule name -> ``score(cond [B, L, V], current float64 [B, L], z_BL) -> float64 [B, L]``.
+The rules select entries of ``cond`` (max, top two) before converting them to float64, so the scores
+equal those of a float64 copy of ``cond`` without making one."""
 
 
 def selection_score(cond_BLV, z_BL, rule, generator=None) -> torch.Tensor:
@@ -74,8 +79,7 @@ def selection_score(cond_BLV, z_BL, rule, generator=None) -> torch.Tensor:
 
     ``rule``: a name of ``SELECTION_RULES`` or one of its functions (resolved once by the sampler)."""
     score = SELECTION_RULES[rule] if isinstance(rule, str) else rule
-    cond = cond_BLV.to(torch.float64)
-    return score(cond, cond.gather(-1, z_BL[..., None]).squeeze(-1), z_BL)
+    return score(cond_BLV, cond_BLV.gather(-1, z_BL[..., None]).squeeze(-1).to(torch.float64), z_BL)
 
 
 @SAMPLER.register("pc_gibbs")
@@ -157,6 +161,9 @@ class PCGibbsSampler(Sampler):
         cond, eligible = self.conditional(run, s)
         score = selection_score(cond, run.z_BL, self._selection)
         chosen = cat.gumbel_topk(score, self.cfg.k_parallel, self.cfg.selection_tau, run.generator, eligible)
-        new = cat.sample_categorical(cond, run.generator)
+        # draw only at the chosen sites (k per row, not L): each from its own conditional, as before
+        rows, cols = chosen.nonzero(as_tuple=True)
+        new = run.z_BL.clone()
+        new[rows, cols] = cat.sample_categorical(cond[rows, cols].unsqueeze(0), run.generator).squeeze(0)
         run.z_BL, run.noise_BL = self.process.gibbs_update(run.z_BL, run.noise_BL, chosen, new)
 

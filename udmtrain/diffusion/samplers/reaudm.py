@@ -55,4 +55,4 @@ class ReAUDMSampler(Sampler):
         """One ReAUDM step with the model's posterior ``p(x | z, n)``."""
         a_t, a_s = self.alpha_B1(t, run), self.alpha_B1(s, run)
         den = self.predict(run, t, "denoiser", alpha_B1=a_t)
-        run.z_BL, run.noise_BL = reaudm_step(den.exp(), run.z_BL, run.noise_BL, a_t, a_s, run.generator)
+        run.z_BL, run.noise_BL = reaudm_step(cat.probs_from_logp(den), run.z_BL, run.noise_BL, a_t, a_s, run.generator)

@@ -120,4 +120,4 @@ class ReMDMSampler(Sampler):
         time_input_B = -torch.log(a_t.clamp_min(math.exp(-30.0))).reshape(-1)
         den = self.predict(run, t, "denoiser", alpha_B1=a_t, sigma_B=time_input_B)
         remask = self.remask_B1(t, a_t, a_s)
-        run.z_BL = remdm_step(den.exp(), run.z_BL, a_t, a_s, remask, self.mask_id, run.generator)
+        run.z_BL = remdm_step(cat.probs_from_logp(den), run.z_BL, a_t, a_s, remask, self.mask_id, run.generator)
