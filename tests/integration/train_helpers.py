@@ -49,7 +49,7 @@ def tiny_overrides(data_dir: Path, run_root: Path, name: str, *extra: str, dit: 
            f"data.valid_shards={data_dir}/valid-*.tar", "data.num_workers=0",
            f"tokenizer={{name: sentencepiece, path: {data_dir}/tokenizer.model}}",
            "engine.micro_batch_size=2", "engine.global_batch_size=4", "engine.precision=fp32",
-           "lr_schedule.warmup_steps=2", "train.log_every=1", "eval.every=0", "checkpoint.every=1000"]
+           "lr_schedule.warmup_steps=1", "train.log_every=1", "eval.every=0", "checkpoint.every=1000"]
     if dit:
         out.append("model.cond_dim=16")
     return out + list(extra)
