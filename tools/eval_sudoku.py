@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     from udmtrain.eval import sudoku as ev
 
     args, unknown = build_parser().parse_known_args(argv)
-    decoder = _ar_decoder(args, inf.split_overrides(unknown)) if inf.is_autoregressive_run(args.ckpt) else None
-    overrides = [] if decoder else inf.sampler_overrides(args, inf.split_overrides(unknown))
+    dotted = inf.split_overrides(unknown)
+    decoder = _ar_decoder(args, dotted) if inf.is_autoregressive_run(args.ckpt) else None
+    overrides = [] if decoder else inf.sampler_overrides(args, dotted)
     if args.num_puzzles < 1 or args.batch_size < 1:
         raise inf.InferenceError(f"--num-puzzles ({args.num_puzzles}) and --batch-size ({args.batch_size}) "
                                  "must be >= 1")

@@ -187,6 +187,7 @@ def _remove_clues(solution: list[int], target: int, rng: random.Random) -> list[
     order = list(range(N_CELLS))
     rng.shuffle(order)
     clues = N_CELLS
+    blanks: list[int] = []  # the cells blanked so far (the search's empties, kept across removals)
     for i in order:
         if clues <= target:
             break
@@ -205,7 +206,7 @@ def _remove_clues(solution: list[int], target: int, rng: random.Random) -> list[
             rows[r] |= obit
             cols[c] |= obit
             boxes[b] |= obit
-            solvable = _search(cells, rows, cols, boxes, _blanks(cells), 1, None, [])
+            solvable = _search(cells, rows, cols, boxes, blanks, 1, None, [])
             rows[r] &= ~obit
             cols[c] &= ~obit
             boxes[b] &= ~obit
@@ -215,6 +216,7 @@ def _remove_clues(solution: list[int], target: int, rng: random.Random) -> list[
                 break
         if unique:
             clues -= 1
+            blanks.append(i)
         else:
             cells[i] = d
             rows[r] |= bit
