@@ -1,6 +1,7 @@
 """Worker for tests/integration/test_engine_resume.py, run by ``deepspeed --num_gpus 2`` on CPU (gloo).
 
-For each ZeRO stage: train 4 steps straight; train 2, save with the Checkpointer, perturb the RNG,
+First an all-reduce through DeepSpeed's shared-memory op, whose workspace names ``init_distributed`` has
+already unlinked (``rank<r>_shm.json``). Then, for each ZeRO stage: train 4 steps straight; train 2, save with the Checkpointer, perturb the RNG,
 build a fresh engine, load, train 2 more. Each rank writes ``rank<r>_stage<s>.json`` with both loss
 sequences and whether the final parameters are bitwise equal; results are written *before* the
 teardown, so the test tolerates the documented gloo exit SIGABRT flake.
@@ -8,6 +9,7 @@ teardown, so the test tolerates the documented gloo exit SIGABRT flake.
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,13 @@ def main() -> None:
     args = parser.parse_args()
     rank, world, _ = dse.init_distributed()
     out = Path(args.out)
+    # DeepSpeed's shared-memory all-reduce still works after init_distributed unlinked its workspace names
+    import deepspeed.comm as dist
+
+    summed = torch.full((4,), float(rank + 1))
+    dist.inference_all_reduce(summed)
+    (out / f"rank{rank}_shm.json").write_text(json.dumps({
+        "workspace_left": os.path.exists(dse.shm_workspace_path(rank)), "summed": summed.tolist()}))
     for stage in map(int, args.stages.split(",")):
         straight, st = make_engine(stage, world, 0), TrainState()
         seed_everything(1, rank)

@@ -1,5 +1,5 @@
 """Two CPU ranks through the real ``deepspeed --num_gpus 2`` launcher (gloo): ZeRO 2 and 3 straight
-vs checkpoint/resume runs are bitwise identical on every rank.
+vs checkpoint/resume runs are bitwise identical on every rank, and the run leaves nothing in /dev/shm.
 
 The gloo exit SIGABRT flake (~1 in 60 runs even with barrier + destroy_process_group, see
 ENVIRONMENT.md) is tolerated: results are judged from the files the ranks wrote before teardown.
@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from udmtrain.engine import deepspeed_engine as dse
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +35,8 @@ def test_two_rank_zero_resume_is_bit_identical(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")))
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()),
+    port = _free_port()
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port),
            str(REPO / "tests" / "integration" / "engine_worker.py"), "--out", str(tmp_path), "--stages", "2,3"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     files = {(r, s): tmp_path / f"rank{r}_stage{s}.json" for r in (0, 1) for s in (2, 3)}
@@ -48,3 +51,10 @@ def test_two_rank_zero_resume_is_bit_identical(tmp_path):
     # ranks see different data, so their loss streams differ (the per-rank cursor is really per rank)
     r0, r1 = (json.loads(files[(r, 2)].read_text())["straight"] for r in (0, 1))
     assert r0 != r1
+    # DeepSpeed's CPU comm op makes a 67 MB /dev/shm file per rank and never removes it; init_distributed
+    # unlinks the names once every rank has mapped them, and the mapped memory still reduces correctly
+    for rank in (0, 1):
+        shm = json.loads((tmp_path / f"rank{rank}_shm.json").read_text())
+        assert shm == {"workspace_left": False, "summed": [3.0] * 4}, (rank, shm)
+    left = [dse.shm_workspace_path(r, "127.0.0.1", str(port)) for r in (0, 1)]
+    assert not [p for p in left if os.path.exists(p)], f"the run left its shared memory behind: {left}"

@@ -209,7 +209,46 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
             # (under torchrun the launcher's agent already serves the store on MASTER_PORT)
             check_rendezvous_port(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         _ds().init_distributed(dist_backend=backend)
+        release_shm_workspace(backend)
     return tdist.get_rank(), tdist.get_world_size(), device_for(local_rank, backend)
+
+
+SHM_DIR = "/dev/shm"
+SHM_WORKSPACE_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_workspace_path(rank: int, addr: str | None = None, port: str | None = None) -> str:
+    """Where DeepSpeed's CPU comm op keeps rank ``rank``'s shared-memory all-reduce workspace.
+
+    The name is ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (DeepSpeed 0.14-0.19,
+    ``ops/csrc/cpu/comm/shm.cpp``): unique to this user and this rendezvous.
+    """
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return os.path.join(SHM_DIR, f"{SHM_WORKSPACE_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def release_shm_workspace(backend: str) -> bool:
+    """Unlink this rank's shared-memory all-reduce workspace once every rank has mapped it; True if removed.
+
+    On CPU, when every rank is on this machine (``LOCAL_SIZE == WORLD_SIZE``), DeepSpeed's comm op creates
+    a 67 MB POSIX shared-memory file per rank and never unlinks it: each run, even a single-process one,
+    would leave its files in ``/dev/shm`` (RAM) until reboot. The peers open every rank's file inside
+    ``init_distributed`` and keep it mapped, so after a barrier the name can go: the memory stays valid
+    for the mappings and is freed when the last process exits, however it exits (``kill -9`` included).
+    """
+    if backend != "gloo" or not (tdist.is_available() and tdist.is_initialized()):
+        return False
+    world = tdist.get_world_size()
+    if os.environ.get("LOCAL_SIZE") != str(world):
+        return False  # the op took its shared-memory path only when every rank is local
+    if world > 1:
+        tdist.barrier()  # every peer has opened (mapped) every rank's workspace by now
+    try:
+        os.unlink(shm_workspace_path(tdist.get_rank()))
+    except FileNotFoundError:
+        return False  # built without the op, or a re-initialisation in a process that already released it
+    return True
 
 
 def device_for(local_rank: int, backend: str) -> torch.device:
