@@ -8,7 +8,8 @@
 
 Options:
   --recipe PATH      the YAML recipe (required); recipes/ holds the paper's and the quickstart's
-  --dry-run          validate, print the resolved recipe, derived values and the parameter count; exit
+  --dry-run          validate, print the resolved recipe, derived values, the parameter count and the
+                     checkpoint it would resume from (checked against the recipe); exit 0, or 2 on a problem
   section.key=value  any number of overrides, applied in order (YAML scalars: ``1e-4`` is a float)
   -h, --help         this text
 
@@ -47,10 +48,18 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         report_and_exit(err)
     if dry_run:
+        # a plain `python` dry run of a recipe meant for a launcher has no world size to compare yet
+        resume, problem = _check_resume(cfg, world_size if "WORLD_SIZE" in os.environ else None)
         if int(os.environ.get("RANK", "0")) == 0:
             print(describe(cfg, world_size), end="")
             print(_parameter_line(cfg))
-        return 0
+            print(f"#   resume: {resume}")
+            device_problem = _device_problem(cfg)
+            if device_problem is not None:  # not an error here: dry runs of GPU recipes happen on CPU login nodes
+                print(f"#   note: {device_problem}")
+            if problem is not None:
+                print(f"udmtrain: {problem}", file=sys.stderr)
+        return 0 if problem is None else 2
     from udmtrain.data.errors import DataError
     from udmtrain.train.build import build_trainer
     from udmtrain.train.checkpoint import CheckpointError
@@ -65,6 +74,10 @@ def main(argv: list[str]) -> int:
             check_writable(os.path.join(cfg.run.output_root, cfg.run.name), "run.output_root/run.name", directory=True)
         except OutputError as err:
             problem = str(err)
+    if problem is None:  # a checkpoint this run cannot resume from: refused before DeepSpeed starts
+        problem = _check_resume(cfg, world_size)[1]
+    if problem is None:
+        problem = _device_problem(cfg)
     if problem is not None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"udmtrain: {problem}", file=sys.stderr)
@@ -107,6 +120,32 @@ def _check_data(cfg) -> str | None:
     except DataError as err:
         return f"{err}\nBuild shards for this recipe with:\n  {_prepare_command(cfg)}"
     return None
+
+
+def _device_problem(cfg) -> str | None:
+    """Why this machine cannot train the recipe as written (None if it can)."""
+    import torch
+
+    if cfg.engine.precision == "fp16" and not torch.cuda.is_available():
+        return ("engine.precision=fp16 needs CUDA GPUs (DeepSpeed's fp16 optimizer and loss scaling) and this "
+                "machine has none: use engine.precision=bf16 or fp32 here")
+    return None
+
+
+def _check_resume(cfg, world_size: int | None) -> tuple[str, str | None]:
+    """What ``checkpoint.resume`` resolves to (``"fresh run"`` or ``"<step dir> (step N)"``) and the reason
+    this recipe cannot resume from it (None if it can), from the checkpoint's recipe.yaml and meta.json."""
+    from udmtrain.train.build import run_dir_for
+    from udmtrain.train.checkpoint import CheckpointError, preflight_resume
+
+    try:
+        found = preflight_resume(run_dir_for(cfg), cfg.checkpoint.resume, cfg.to_dict(), world_size)
+    except CheckpointError as err:
+        return "refused (the reason follows on stderr)", str(err)
+    if found is None:
+        return "fresh run", None
+    step_dir, meta = found
+    return f"{step_dir} (step {meta.get('step', '?')})", None
 
 
 def _prepare_command(cfg) -> str:

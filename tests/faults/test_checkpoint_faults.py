@@ -141,3 +141,24 @@ def test_kill_9_mid_run_then_resume_is_bit_exact(trained_run: Path, tiny_data: P
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = load_fp32_state_dict(step_dir(trained_run)), load_fp32_state_dict(step_dir(tmp_path / "base"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("change,culprit", [(["engine.zero_stage=3"], "engine.zero_stage=3"),
+                                            (["engine.precision=bf16"], "engine.precision=bf16")])
+def test_resume_with_another_optimizer_state_layout_is_refused_before_deepspeed(
+        run_copy: Path, tiny_data: Path, capsys, change: list[str], culprit: str) -> None:
+    """The trained run is ZeRO-1 fp32. Resuming it at ZeRO-3 or bf16 used to die inside DeepSpeed's loader
+    with a traceback; now the dry run and the launch both refuse it in one line naming the saved values."""
+    from fault_helpers import data_overrides
+    from test_recipe_faults import pretrain_main
+
+    argv = ["--recipe", "recipes/quickstart.yaml", "run.name=base", f"run.output_root={run_copy.parent}",
+            *TINY, *data_overrides(tiny_data), "engine.zero_stage=1", "train.max_steps=4", "checkpoint.every=1000"]
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    code, out = pretrain_main([*argv, "--dry-run"], capsys)
+    assert code == 0 and f"#   resume: {run_copy / 'checkpoints' / 'step_0000000002'} (step 2)" in out, out[-2000:]
+    for extra in (["--dry-run"], []):
+        code, out = pretrain_main([*argv, *change, *extra], capsys)
+        line = assert_refused(code, out, culprit, "engine.zero_stage=1 engine.precision=fp32", "checkpoint.resume=never")
+        assert "step_0000000002" in line and " on cpu |" not in out  # refused before the run is built
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before

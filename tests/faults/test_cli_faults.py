@@ -53,6 +53,22 @@ def test_cuda_without_cuda(name: str, capsys) -> None:
     assert_refused(code, out, "--device", "CUDA is not available")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_fp16_training_without_cuda(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    """DeepSpeed's fp16 optimizer refuses a CPU with a traceback after the process group and engine are up;
+    the launch refuses it first (exit 2, nothing written) and the dry run notes it (exit 0: GPU recipes are
+    dry-run on CPU login nodes)."""
+    from test_recipe_faults import pretrain_main
+
+    argv = ["--recipe", "recipes/quickstart.yaml", "run.name=x", f"run.output_root={tmp_path}", *TINY,
+            *data_overrides(tiny_data), "train.max_steps=1", "engine.precision=fp16"]
+    code, out = pretrain_main([*argv, "--dry-run"], capsys)
+    assert code == 0 and "#   note: engine.precision=fp16 needs CUDA GPUs" in out, out[-2000:]
+    code, out = pretrain_main(argv, capsys)
+    assert_refused(code, out, "engine.precision=fp16", "CUDA", "engine.precision=bf16 or fp32")
+    assert not os.listdir(tmp_path)
+
+
 UNWRITABLE = [  # (tool, argv with OUT for the output location, flag)
     ("eval_ppl", ["--ckpt", "X", "--out", "OUT"], "--out"),
     ("sample", ["--ckpt", "X", "--out", "OUT"], "--out"),

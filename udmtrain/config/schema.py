@@ -100,7 +100,8 @@ class CheckpointSection:
     """Number of most recent checkpoints kept on disk (0 keeps all)."""
     resume: str = "auto"
     """'auto' (resume from the latest checkpoint of this run if any), 'never', or a path to a
-    step_* checkpoint directory."""
+    step_* checkpoint directory. The checkpoint's architecture, number of ranks, engine.precision and
+    ZeRO family (0, 1-2, 3) must match the run; a mismatch is refused before the run starts."""
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

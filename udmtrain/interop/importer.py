@@ -162,7 +162,7 @@ def _spawn_save(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Ten
     from udmtrain.config import dump_yaml
     from udmtrain.engine import deepspeed_engine as dse
     from udmtrain.train.build import run_dir_for
-    from udmtrain.train.checkpoint import step_dir_name
+    from udmtrain.train.checkpoint import CHECKPOINTS, step_dir_name
 
     dse.build_ds_config(cfg.engine, world_size)  # a batch size that does not divide fails here, not in N ranks
     raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -172,7 +172,7 @@ def _spawn_save(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Ten
         port = str(_free_port())
         mp.start_processes(_spawned_rank, args=(world_size, port, recipe, vocab_size, raw, ema_state,
                                                 ema_num_updates, meta), nprocs=world_size, start_method="spawn")
-    return run_dir_for(cfg) / "checkpoints" / step_dir_name(0)
+    return run_dir_for(cfg) / CHECKPOINTS / step_dir_name(0)
 
 
 def _free_port() -> int:

@@ -41,6 +41,9 @@ _STEP_RE = re.compile(r"^step_(\d{10})$")
 LATEST = "latest"
 
 # Dotted recipe paths that change what the saved weights mean; a prefix ending in "." covers a section.
+CHECKPOINTS = "checkpoints"
+"""A run directory's subdirectory of ``step_<10 digits>`` checkpoints and the ``latest`` pointer."""
+
 ARCH_FIELDS = ("model.", "process.name", "parameterization.name", "data.tokenizer", "data.seq_len",
                "data.vocab_size", "tokenizer.")
 
@@ -109,13 +112,29 @@ def _flatten(d: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+ZERO_STATE_FAMILY = {0: "0", 1: "1-2", 2: "1-2", 3: "3"}
+"""ZeRO stages whose optimizer checkpoints DeepSpeed can load into one another (1 and 2 share a layout)."""
+
+
+def optimizer_state_layout(flat_recipe: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(ZeRO family, precision)`` of a flattened recipe: what decides the files and tensor layout of
+    DeepSpeed's optimizer state (stage 0 keeps the torch optimizer's own state, stages 1-2 flat fp32
+    partitions, stage 3 per-parameter partitions; bf16 adds its own optimizer wrapper and ``bf16_`` files).
+    None when the recipe names no engine section (e.g. a bare test recipe)."""
+    stage, precision = flat_recipe.get("engine.zero_stage"), flat_recipe.get("engine.precision")
+    if stage is None or precision is None:
+        return None
+    return ZERO_STATE_FAMILY.get(int(stage), str(stage)), str(precision)
+
+
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], *, saved_world_size: int | None = None,
                      world_size: int | None = None, where: str = "checkpoint") -> None:
     """Raise CheckpointError naming every architecture field that differs, or a world-size change.
 
     Architecture fields (``ARCH_FIELDS``): ``model.*``, ``process.name``, ``parameterization.name``,
-    the tokenizer and ``data.seq_len``. Training knobs (``optim.lr``, ``train.max_steps``, ...) may
-    change on resume. Sequences compare as lists (YAML turns tuples into lists).
+    the tokenizer and ``data.seq_len``. The optimizer state's layout (:func:`optimizer_state_layout`:
+    ZeRO family and precision) must match too. Training knobs (``optim.lr``, ``train.max_steps``,
+    offloading, ZeRO 1 <-> 2, ...) may change on resume. Sequences compare as lists (YAML turns tuples into lists).
     """
     a, b = _flatten(_plain(saved)), _flatten(_plain(current))
     diffs = []
@@ -127,12 +146,55 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], *, sa
             f"{where} was trained with a different architecture:\n" + "\n".join(diffs)
             + "\nResume with the saved recipe.yaml, or start fresh with checkpoint.resume=never."
         )
+    saved_layout, layout = optimizer_state_layout(a), optimizer_state_layout(b)
+    if saved_layout is not None and layout is not None and saved_layout != layout:
+        raise CheckpointError(
+            f"{where} holds DeepSpeed optimizer state for engine.zero_stage={a['engine.zero_stage']} and "
+            f"engine.precision={a['engine.precision']}; this run has engine.zero_stage={b['engine.zero_stage']} "
+            f"and engine.precision={b['engine.precision']}, whose state DeepSpeed stores in other files and shapes "
+            "(a resume may change ZeRO 1 <-> 2 and the offload switches, not the precision or to/from stage 0 "
+            f"or 3). Resume with engine.zero_stage={a['engine.zero_stage']} engine.precision={a['engine.precision']}, "
+            "or start fresh with checkpoint.resume=never."
+        )
     if saved_world_size is not None and world_size is not None and saved_world_size != world_size:
         raise CheckpointError(
             f"{where} was saved with world size {saved_world_size}, this run has {world_size}. Each rank's "
             "data cursor and RNG state are saved per rank, so an exact resume needs the same number of "
             f"processes: launch with {saved_world_size} ranks (or start fresh with checkpoint.resume=never)."
         )
+
+
+def preflight_resume(run_dir: str | os.PathLike, resume: str, recipe_dict: Mapping[str, Any],
+                     world_size: int | None) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a run in ``run_dir`` would resume from (``checkpoint.resume``) and its meta.json,
+    checked against ``recipe_dict`` without building anything; None for a fresh run. Raises
+    CheckpointError on a resume path that is no checkpoint or on any mismatch."""
+    target = find_resume(Path(run_dir) / CHECKPOINTS, resume)
+    if target is None:
+        return None
+    return target, check_resume_target(target, recipe_dict, world_size)
+
+
+def check_resume_target(step_dir: str | os.PathLike, recipe_dict: Mapping[str, Any] | None,
+                        world_size: int | None) -> dict[str, Any]:
+    """Check that a run with ``recipe_dict`` (and ``world_size`` ranks; None skips that check) can resume
+    from the complete checkpoint ``step_dir`` (:func:`check_compatible`); returns its meta.json.
+
+    Called before anything starts (the launch preflight and ``--dry-run``) and again by
+    :meth:`Checkpointer.load`, so a mismatch is a one-line error, never a DeepSpeed traceback.
+    """
+    step_dir = Path(step_dir)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    saved_recipe = yaml.safe_load((step_dir / "recipe.yaml").read_text()) if recipe_dict is not None else None
+    try:
+        check_compatible(saved_recipe or {}, recipe_dict or {}, saved_world_size=meta.get("world_size"),
+                         world_size=world_size, where=str(step_dir))
+    except CheckpointError as err:
+        if not meta.get("imported_from"):
+            raise
+        raise CheckpointError(f"{err}\nIt is an import (tools/import_ckpt.py): to keep its weights, import it "
+                              "again with this run's --precision and --world-size.") from None
+    return meta
 
 
 def find_resume(checkpoint_dir: str | os.PathLike, resume: str) -> Path | None:
@@ -153,7 +215,7 @@ def find_resume(checkpoint_dir: str | os.PathLike, resume: str) -> Path | None:
             return complete[-1]
         return None
     path = Path(resume).expanduser()
-    for candidate in (path, path / "checkpoints"):
+    for candidate in (path, path / CHECKPOINTS):
         if (candidate / LATEST).is_file():
             latest = _read_latest(candidate)
             if latest is not None and is_complete(latest):
@@ -190,7 +252,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | os.PathLike, every: int, keep_last: int, resume: str = "auto") -> None:
         self.run_dir = Path(run_dir)
-        self.dir = self.run_dir / "checkpoints"
+        self.dir = self.run_dir / CHECKPOINTS
         self.every, self.keep_last, self.resume = int(every), int(keep_last), resume
         if get_rank() == 0 and self.dir.is_dir():
             for stale in self.dir.glob("step_*.tmp-*"):  # left by a crash mid-save; never complete
@@ -286,10 +348,7 @@ class Checkpointer:
         between ``load`` and the first training step for a bit-exact continuation.
         """
         step_dir = Path(step_dir)
-        meta = json.loads((step_dir / "meta.json").read_text())
-        saved_recipe = yaml.safe_load((step_dir / "recipe.yaml").read_text()) if recipe_dict is not None else None
-        check_compatible(saved_recipe or {}, recipe_dict or {}, saved_world_size=meta["world_size"],
-                         world_size=get_world_size(), where=str(step_dir))
+        meta = check_resume_target(step_dir, recipe_dict, get_world_size())
         dse.load(engine, step_dir)
         # ZeRO-3: after a load the parameter coordinator holds a stale fetch trace, and with the EMA's
         # gathers in the loop the second step after a resume dies with DeepSpeed's "tracing error ...

@@ -12,7 +12,8 @@ import yaml
 import udmtrain.train.checkpoint as ckpt
 from udmtrain.engine import deepspeed_engine as dse
 from udmtrain.engine.optim import AdamWBuilder, ConstantWarmupLR, build_lr_schedule
-from udmtrain.train.checkpoint import Checkpointer, CheckpointError, check_compatible, find_resume
+from udmtrain.train.checkpoint import (Checkpointer, CheckpointError, check_compatible, check_resume_target,
+                                       find_resume)
 from udmtrain.train.state import TrainState
 
 RECIPE = {"run": {"name": "t"}, "model": {"name": "mlp", "hidden_size": 16}, "process": {"name": "uniform"},
@@ -152,6 +153,41 @@ def test_check_compatible_names_architecture_fields():
         check_compatible(RECIPE, {**RECIPE, "process": {"name": "masked"}})
     with pytest.raises(CheckpointError, match="saved with world size 2, this run has 4.*same number of processes"):
         check_compatible(RECIPE, RECIPE, saved_world_size=2, world_size=4)
+
+
+@pytest.mark.parametrize("saved,now,ok", [
+    ((0, "fp32"), (0, "fp32"), True), ((1, "fp32"), (2, "fp32"), True), ((2, "bf16"), (1, "bf16"), True),
+    ((0, "fp32"), (2, "fp32"), False), ((2, "fp32"), (0, "fp32"), False), ((1, "bf16"), (3, "bf16"), False),
+    ((3, "fp32"), (1, "fp32"), False), ((1, "fp32"), (1, "bf16"), False), ((0, "bf16"), (0, "fp32"), False),
+])
+def test_check_compatible_refuses_another_optimizer_state_layout(saved, now, ok):
+    """DeepSpeed stores the optimizer state differently per ZeRO family (0 / 1-2 / 3) and precision: a resume
+    across them died in DeepSpeed (missing ``*_optim_states.pt``, ``AssertionError``); now one error with the fix.
+    Offloading may change (measured: 2 -> 2 + offload, 3 + offload -> 3 and 2 + offload -> 1 resume)."""
+    def recipe(stage, precision, offload):
+        return {**RECIPE, "engine": {"zero_stage": stage, "precision": precision, "offload_optimizer": offload}}
+
+    if ok:
+        check_compatible(recipe(*saved, False), recipe(*now, True))
+        return
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(recipe(*saved, False), recipe(*now, False), where="ckpt/step_1")
+    text = str(err.value)
+    assert f"engine.zero_stage={saved[0]} and engine.precision={saved[1]}" in text
+    assert f"this run has engine.zero_stage={now[0]} and engine.precision={now[1]}" in text
+    assert f"Resume with engine.zero_stage={saved[0]} engine.precision={saved[1]}" in text
+    assert "checkpoint.resume=never" in text and text.startswith("ckpt/step_1")
+
+
+def test_resume_target_of_an_import_says_to_import_again(tmp_path):
+    """An imported checkpoint has no training to lose: the advice is to import it with this run's settings."""
+    saved = {**RECIPE, "engine": {"zero_stage": 1, "precision": "fp32"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(saved))))
+    (tmp_path / "meta.json").write_text(json.dumps({"step": 0, "world_size": 1, "imported_from": {"layout": "x"}}))
+    bf16 = {**saved, "engine": {"zero_stage": 1, "precision": "bf16"}}
+    with pytest.raises(CheckpointError, match="(?s)engine.precision=fp32.*import it again with this run's --precision"):
+        check_resume_target(tmp_path, bf16, 1)
+    assert check_resume_target(tmp_path, saved, 1)["step"] == 0
 
 
 def test_load_refuses_incompatible_recipe(dist_group, tmp_path):
