@@ -149,20 +149,14 @@ def _check_resume(cfg, world_size: int | None) -> tuple[str, str | None]:
 
 
 def _prepare_command(cfg) -> str:
-    """``python tools/prepare_data.py ...`` writing the recipe's ``data.train_shards`` directory with
-    its tokenizer and ``data.seq_len``; ``owt``/``openwebtext`` gets the hub source, ``demo`` the
-    built-in offline corpus."""
-    pattern = str(cfg.data.train_shards)
-    out = pattern if os.path.isdir(pattern) or not pattern.endswith(".tar") else (os.path.dirname(pattern) or ".")
-    tok_cfg = cfg.tokenizer.cfg
-    tokenizer = getattr(tok_cfg, "path", None) or cfg.tokenizer.name
+    """The ``prepare_data`` command that writes this recipe's ``data.train_shards`` with its tokenizer and
+    ``data.seq_len`` (``udmtrain.data.shards.prepare_command``)."""
+    from udmtrain.data.shards import prepare_command
+
+    tokenizer = getattr(cfg.tokenizer.cfg, "path", None) or cfg.tokenizer.name
     if cfg.tokenizer.name == "hf":  # the CLI spelling of a Hugging Face tokenizer
         tokenizer = f"hf:{tokenizer}"
-    name = os.path.basename(os.path.normpath(out)).lower()
-    sources = {"owt": "--source hf --hf-name openwebtext", "openwebtext": "--source hf --hf-name openwebtext",
-               "demo": "--source demo"}
-    source = sources.get(name, "--source files --input CORPUS")
-    return f"python tools/prepare_data.py {source} --tokenizer {tokenizer} --seq-len {cfg.data.seq_len} --out {out}"
+    return prepare_command(str(cfg.data.train_shards), tokenizer, cfg.data.seq_len)
 
 
 def _parameter_line(cfg) -> str:

@@ -1,6 +1,6 @@
 """Train a lossless sentencepiece tokenizer (byte fallback; BPE or unigram) on any data source.
 
-    python tools/train_tokenizer.py --source demo --vocab-size 8000 --out tokenizers/demo.model
+    python tools/train_tokenizer.py --source demo --vocab-size 2048 --out data/demo/tokenizer.model
     python tools/train_tokenizer.py --source files --input corpus/ --vocab-size 32000 --model-type unigram \\
         --out tokenizers/mine.model
     python tools/train_tokenizer.py --source hf --hf-name openwebtext --max-documents 200000 ...

@@ -13,6 +13,7 @@ interrupted run produces byte-identical shards. A directory built with other set
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -239,14 +240,22 @@ def prepare(spec: SourceSpec, tokenizer_spec: str, seq_len: int, out: str, packi
         raise
     records = {split: records[split] for split in splits}
     seconds = time.perf_counter() - t0
-    new_tokens = sum(r.pop("tokens_this_run") for r in records.values())
+    built = {split: r.pop("tokens_this_run") for split, r in records.items()}
+    new_tokens = sum(built.values())
+    previous: dict[str, Any] = {}
+    if in_place:
+        with contextlib.suppress(OSError, ValueError):  # none yet, or damaged: this run rewrites it anyway
+            previous = _read_json(os.path.join(work, MANIFEST_NAME))
+    for split, record in records.items():  # a split with nothing new to build keeps its measured rate
+        if not built[split]:
+            record["tokens_per_second"] = previous.get("splits", {}).get(split, {}).get("tokens_per_second")
     for record in records.values():
         for shard in record["shards"]:
             shard.update(_file_identity(os.path.join(work, shard["name"])))
     manifest = {"format_version": FORMAT_VERSION, "command": command, "source": source, "tokenizer": identity,
                 "vocab_size": tokenizer.vocab_size, "seq_len": seq_len, "packing": packing,
                 "samples_per_shard": samples_per_shard, "splits": records,
-                "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens else None}
+                "tokens_per_second": round(new_tokens / seconds, 1) if new_tokens else previous.get("tokens_per_second")}
     write_manifest(work, manifest)
     if not in_place:
         _publish(work, out)

@@ -50,14 +50,33 @@ def _as_list(spec: Any) -> list[str]:
     return [str(spec)]
 
 
-def prepare_hint(pattern: str, split: str, manifest_command: str | None = None) -> str:
-    """The exact command that (re)builds the shards behind ``pattern``."""
-    if manifest_command:
-        return manifest_command
+PREPARE_SOURCES = {"owt": "--source hf --hf-name openwebtext", "openwebtext": "--source hf --hf-name openwebtext",
+                   "demo": "--source demo"}
+"""``--source`` guessed from the output directory's name; any other name gets ``--source files``."""
+
+
+def prepare_command(pattern: str, tokenizer: str | None = None, seq_len: int | None = None) -> str:
+    """``python tools/prepare_data.py ...`` that writes the shards behind ``pattern`` (a directory, a
+    ``train-*.tar`` glob or a brace pattern) with ``tokenizer`` (its ``--tokenizer`` spelling) and
+    ``seq_len``. A directory that already holds shards of other settings gets ``--overwrite`` (the tool
+    refuses to mix them), with the alternative spelled out."""
     looks_like_dir = os.path.isdir(pattern) or not any(ch in pattern for ch in "{*?[") and not pattern.endswith(".tar")
     out = pattern if looks_like_dir else (os.path.dirname(pattern) or ".")
-    return (f"python tools/prepare_data.py --source demo --tokenizer gpt2 --seq-len 1024 --out {out}"
-            "  (use your own --source/--tokenizer/--seq-len)")
+    source = PREPARE_SOURCES.get(os.path.basename(os.path.normpath(out)).lower(), "--source files --input CORPUS")
+    command = (f"python tools/prepare_data.py {source} --tokenizer {tokenizer or 'TOKENIZER'} "
+               f"--seq-len {seq_len or 'SEQ_LEN'} --out {out}")
+    if os.path.isfile(os.path.join(out, "prepare_config.json")):
+        command += (f" --overwrite  (this replaces the shards in {out}; or pick a new --out and point "
+                    "data.train_shards/data.valid_shards at it)")
+    return command
+
+
+def prepare_hint(pattern: str, split: str, manifest_command: str | None = None) -> str:
+    """The exact command that (re)builds the shards behind ``pattern``: the one its manifest recorded,
+    else :func:`prepare_command` with placeholders for the settings only the user knows."""
+    if manifest_command:
+        return manifest_command
+    return prepare_command(pattern)
 
 
 def resolve_shards(spec: Any, split: str, check_exists: bool = True) -> list[str]:

@@ -93,7 +93,8 @@ class SentencePieceTokenizer(Tokenizer):
         if not os.path.isfile(cfg.path):
             raise DataError(
                 f"sentencepiece model {cfg.path!r} does not exist; train one with: python "
-                f"tools/train_tokenizer.py --source demo --vocab-size 8000 --out {cfg.path}"
+                f"tools/train_tokenizer.py --source demo --vocab-size 2048 --out {cfg.path} (the quickstart's; "
+                "--source files --input CORPUS --vocab-size V for your own text)"
             )
         self.path = os.path.abspath(cfg.path)
         self.name = "sentencepiece"

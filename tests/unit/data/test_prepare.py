@@ -53,11 +53,15 @@ def test_layout_manifest_and_token_totals(shards, corpus, gpt2):
 def test_rerun_is_idempotent_and_interrupted_run_resumes_exactly(tmp_path, corpus):
     spec = SourceSpec(kind="files", inputs=[corpus[0]], valid_fraction=0.2)
     out = str(tmp_path / "s")
-    prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False)
+    first = prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False)
     before = digests(out)
     mtimes = {n: os.path.getmtime(os.path.join(out, n)) for n in before}
-    prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False)
+    again = prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False)
     assert {n: os.path.getmtime(os.path.join(out, n)) for n in before} == mtimes  # nothing rewritten
+    # a re-run that builds nothing keeps the measured throughput instead of blanking it
+    assert first["tokens_per_second"] > 0 and again["tokens_per_second"] == first["tokens_per_second"]
+    assert {k: r["tokens_per_second"] for k, r in again["splits"].items()} == \
+        {k: r["tokens_per_second"] for k, r in first["splits"].items()}
     # simulate a crash after train shard 2: later shards gone, a half-written temp file left behind
     train = sorted(n for n in before if n.startswith("train"))
     assert len(train) > 4
@@ -107,3 +111,20 @@ def test_cli_demo_and_sentencepiece_tokenizer(tmp_path):
                           str(tmp_path / "missing*.txt"), "--tokenizer", model, "--seq-len", "8", "--out",
                           str(tmp_path / "e")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "matches no file" in bad.stderr
+
+
+def test_prepare_command_for_a_directory_that_holds_other_shards(tmp_path, corpus):
+    """The command a recipe's data error suggests must run as printed: prepare_data refuses to mix settings in
+    one directory, so a directory that already holds shards gets --overwrite and the alternative."""
+    from udmtrain.data.shards import prepare_command
+
+    out = tmp_path / "demo"
+    assert prepare_command(str(out / "train-*.tar"), "tok.model", 64) == \
+        f"python tools/prepare_data.py --source demo --tokenizer tok.model --seq-len 64 --out {out}"
+    prepare(SourceSpec(kind="files", inputs=[corpus[0]], valid_fraction=0.2), "gpt2", 32, str(out),
+            samples_per_shard=8, progress=False)
+    hint = prepare_command(str(out), "tok.model", 64)
+    assert hint.startswith(f"python tools/prepare_data.py --source demo --tokenizer tok.model --seq-len 64 --out {out} "
+                           "--overwrite") and "pick a new --out" in hint
+    assert prepare_command(str(tmp_path / "mine")).endswith("--source files --input CORPUS --tokenizer TOKENIZER "
+                                                           f"--seq-len SEQ_LEN --out {tmp_path / 'mine'}")
