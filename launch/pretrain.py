@@ -135,11 +135,12 @@ def _device_problem(cfg) -> str | None:
 def _check_resume(cfg, world_size: int | None) -> tuple[str, str | None]:
     """What ``checkpoint.resume`` resolves to (``"fresh run"`` or ``"<step dir> (step N)"``) and the reason
     this recipe cannot resume from it (None if it can), from the checkpoint's recipe.yaml and meta.json."""
-    from udmtrain.train.build import run_dir_for
+    from udmtrain.train.build import run_dir_for, run_identity
     from udmtrain.train.checkpoint import CheckpointError, preflight_resume
 
     try:
-        found = preflight_resume(run_dir_for(cfg), cfg.checkpoint.resume, cfg.to_dict(), world_size)
+        found = preflight_resume(run_dir_for(cfg), cfg.checkpoint.resume, cfg.to_dict(), world_size,
+                                 run_identity(cfg))
     except CheckpointError as err:
         return "refused (the reason follows on stderr)", str(err)
     if found is None:

@@ -159,6 +159,62 @@ def test_resume_with_another_optimizer_state_layout_is_refused_before_deepspeed(
     assert code == 0 and f"#   resume: {run_copy / 'checkpoints' / 'step_0000000002'} (step 2)" in out, out[-2000:]
     for extra in (["--dry-run"], []):
         code, out = pretrain_main([*argv, *change, *extra], capsys)
-        line = assert_refused(code, out, culprit, "engine.zero_stage=1 engine.precision=fp32", "checkpoint.resume=never")
+        line = assert_refused(code, out, culprit, "engine.zero_stage=1 engine.precision=fp32", "another run.name")
         assert "step_0000000002" in line and " on cpu |" not in out  # refused before the run is built
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
+
+
+def _resume_argv(run_copy: Path, tiny_data: Path, *extra: str) -> list[str]:
+    from fault_helpers import data_overrides
+
+    return ["--recipe", "recipes/quickstart.yaml", "run.name=base", f"run.output_root={run_copy.parent}", *TINY,
+            *data_overrides(tiny_data), "engine.zero_stage=1", "train.max_steps=4", "checkpoint.every=1000", *extra]
+
+
+@pytest.mark.parametrize("name,damage", [("meta.json", '{"step": 2, "world'), ("recipe.yaml", "model: [\n")])
+def test_damaged_checkpoint_file_is_one_line_for_launch_dry_run_and_tools(
+        run_copy: Path, tiny_data: Path, capsys, name: str, damage: str) -> None:
+    """A truncated meta.json or recipe.yaml was a JSONDecodeError / ParserError traceback from the dry run,
+    the launch and every tool; now one line naming the file and the way out."""
+    from test_recipe_faults import pretrain_main
+
+    (step_dir(run_copy) / name).write_text(damage)
+    for extra in (["--dry-run"], []):
+        code, out = pretrain_main(_resume_argv(run_copy, tiny_data, *extra), capsys)
+        assert_refused(code, out, str(step_dir(run_copy) / name), "damaged", "another run.name")
+    if name == "meta.json":  # the tools read meta.json first (a damaged recipe.yaml is a recipe report there)
+        code, out = call("sample", ["--ckpt", str(run_copy), "--num-samples", "1", "--steps", "2"], capsys)
+        assert_refused(code, out, str(step_dir(run_copy) / name), "damaged")
+
+
+def test_fresh_run_over_an_existing_run_is_refused(run_copy: Path, tiny_data: Path, capsys) -> None:
+    """checkpoint.resume=never in a run directory with checkpoints used to interleave two runs: the new run's
+    step_1, step_2 overwrote the old ones, keep_last pruned across both, metrics.jsonl read 1,2,3,4,1,2."""
+    from test_recipe_faults import pretrain_main
+
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    for extra in (["--dry-run"], []):
+        code, out = pretrain_main(_resume_argv(run_copy, tiny_data, "checkpoint.resume=never", *extra), capsys)
+        assert_refused(code, out, "checkpoint.resume=never", str(run_copy), "step_0000000002", "new run.name")
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
+
+
+def test_tokenizer_replaced_at_the_same_path_is_refused(run_copy: Path, tmp_path: Path, capsys) -> None:
+    """The recipe names the tokenizer by path; a file retrained there (same V) decoded samples into other text
+    without a word. The checkpoint records the tokenizer's sha256 and the tools compare it."""
+    from fault_helpers import VOCAB_SIZE, tool
+
+    from udmtrain.train.checkpoint import CheckpointError, check_resume_target, read_meta
+
+    other = tmp_path / "other.model"
+    assert tool("train_tokenizer").main(["--source", "demo", "--vocab-size", str(VOCAB_SIZE), "--model-type",
+                                         "unigram", "--out", str(other)]) == 0
+    code, out = call("sample", ["--ckpt", str(run_copy), "--num-samples", "1", "--steps", "2",
+                                f"tokenizer.path={other}"], capsys)
+    assert_refused(code, out, "another tokenizer", str(other), "sha256")
+    meta = read_meta(step_dir(run_copy))
+    assert meta["vocab_size"] == VOCAB_SIZE and len(meta["tokenizer_sha256"]) == 64
+    with pytest.raises(CheckpointError, match="tokenizer_sha256 .* -> 'f00'.*Point tokenizer.path"):
+        check_resume_target(step_dir(run_copy), None, None, {"vocab_size": VOCAB_SIZE, "tokenizer_sha256": "f00"})
+    with pytest.raises(CheckpointError, match=f"vocab_size {VOCAB_SIZE} -> 512"):
+        check_resume_target(step_dir(run_copy), None, None, {"vocab_size": 512, "tokenizer_sha256": None})

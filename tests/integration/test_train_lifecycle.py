@@ -153,7 +153,7 @@ def test_architecture_change_on_resume_is_refused_naming_the_field(straight_1ran
     proc = th.run("recipes/quickstart.yaml", overrides)
     assert proc.returncode == 2, th.describe(proc)
     assert "model.hidden_size: saved 32, now 64" in proc.stderr, th.describe(proc)
-    assert "checkpoint.resume=never" in proc.stderr
+    assert "start a new run under another run.name" in proc.stderr
     assert "Traceback" not in proc.stderr, th.describe(proc)
     ckpt = root / straight_1rank.name / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_0000000004"

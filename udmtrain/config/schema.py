@@ -99,9 +99,11 @@ class CheckpointSection:
     keep_last: int = 3
     """Number of most recent checkpoints kept on disk (0 keeps all)."""
     resume: str = "auto"
-    """'auto' (resume from the latest checkpoint of this run if any), 'never', or a path to a
-    step_* checkpoint directory. The checkpoint's architecture, number of ranks, engine.precision and
-    ZeRO family (0, 1-2, 3) must match the run; a mismatch is refused before the run starts."""
+    """'auto' (resume from the latest checkpoint of this run if any), 'never' (a fresh run; refused
+    where run.name already holds checkpoints), or a path: a step_* checkpoint directory, a run directory
+    or its checkpoints/ directory (their latest complete checkpoint). The checkpoint's architecture,
+    tokenizer, number of ranks, engine.precision and ZeRO family (0, 1-2, 3) must match the run; a
+    mismatch is refused before the run starts."""
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

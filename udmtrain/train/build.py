@@ -22,8 +22,24 @@ from udmtrain.utils.dist import print0
 __all__ = [  # the public build API (tools and tests import these from here)
     "Components", "Evaluator", "NetworkCall", "Run", "TrainStep", "ar_nll_fn", "autocast_context",
     "build_components", "build_sampler", "build_trainer", "ema_weights", "make_skippable", "nelbo_fn",
-    "resolve_vocab_size", "run_dir_for", "skip_with_optimizer",
+    "resolve_vocab_size", "run_dir_for", "run_identity", "skip_with_optimizer",
 ]
+
+
+def run_identity(cfg: Any, manifest: Any | None = None) -> dict[str, Any]:
+    """What a checkpoint records of the run's vocabulary (``checkpoint.RUN_IDENTITY``): V and the sha256 of
+    the tokenizer's files, from the shards' manifest (which the launch checked against the recipe's
+    tokenizer) or else from loading the tokenizer; ``{}`` when neither is available here."""
+    if manifest is not None:
+        return {"vocab_size": int(manifest.vocab_size), "tokenizer_sha256": manifest.tokenizer.get("sha256")}
+    from udmtrain.data.errors import DataError
+    from udmtrain.data.tokenizers import load_tokenizer
+
+    try:
+        identity = load_tokenizer(cfg.tokenizer).identity()
+    except (DataError, OSError, ValueError):
+        return {}
+    return {"vocab_size": int(identity["vocab_size"]), "tokenizer_sha256": identity.get("sha256")}
 
 
 def run_dir_for(cfg: Any) -> Path:
@@ -100,7 +116,7 @@ def build_trainer(cfg: Any) -> Run:
     resume_dir = checkpointer.find_resume()
     if resume_dir is not None:
         print0(f"resuming from {resume_dir}")
-        checkpointer.load(engine, resume_dir, state, recipe_dict)
+        checkpointer.load(engine, resume_dir, state, recipe_dict, run_identity(cfg, manifest))
         apply_hyperparameters(created[0], cfg.optim.cfg)  # the current recipe's optim.* win on resume
         if state.data_cursor:  # empty for an imported checkpoint (tools/import_ckpt.py): the stream starts afresh
             train_loader.load_state_dict(state.data_cursor)
@@ -126,7 +142,7 @@ def build_trainer(cfg: Any) -> Run:
         state=state, max_steps=cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
         batches=batches, step_fn=step_fn, metrics=metrics, evaluator=evaluator,
         checkpointer=TrainCheckpointer(checkpointer, engine, state, train_loader, ema, recipe_dict,
-                                       {"run_name": cfg.run.name, "vocab_size": vocab_size}),
+                                       {"run_name": cfg.run.name, **run_identity(cfg, manifest)}),
         signals=signals, timer=timer, throughput=throughput, exact_nll=not components.is_diffusion)
 
     def close() -> None:

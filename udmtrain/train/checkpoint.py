@@ -144,7 +144,7 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], *, sa
     if diffs:
         raise CheckpointError(
             f"{where} was trained with a different architecture:\n" + "\n".join(diffs)
-            + "\nResume with the saved recipe.yaml, or start fresh with checkpoint.resume=never."
+            + "\nResume with the saved recipe.yaml, or start a new run under another run.name."
         )
     saved_layout, layout = optimizer_state_layout(a), optimizer_state_layout(b)
     if saved_layout is not None and layout is not None and saved_layout != layout:
@@ -154,38 +154,93 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], *, sa
             f"and engine.precision={b['engine.precision']}, whose state DeepSpeed stores in other files and shapes "
             "(a resume may change ZeRO 1 <-> 2 and the offload switches, not the precision or to/from stage 0 "
             f"or 3). Resume with engine.zero_stage={a['engine.zero_stage']} engine.precision={a['engine.precision']}, "
-            "or start fresh with checkpoint.resume=never."
+            "or start a new run under another run.name."
         )
     if saved_world_size is not None and world_size is not None and saved_world_size != world_size:
         raise CheckpointError(
             f"{where} was saved with world size {saved_world_size}, this run has {world_size}. Each rank's "
             "data cursor and RNG state are saved per rank, so an exact resume needs the same number of "
-            f"processes: launch with {saved_world_size} ranks (or start fresh with checkpoint.resume=never)."
+            f"processes: launch with {saved_world_size} ranks (or start a new run under another run.name)."
         )
 
 
 def preflight_resume(run_dir: str | os.PathLike, resume: str, recipe_dict: Mapping[str, Any],
-                     world_size: int | None) -> tuple[Path, dict[str, Any]] | None:
+                     world_size: int | None, identity: Mapping[str, Any] | None = None
+                     ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint a run in ``run_dir`` would resume from (``checkpoint.resume``) and its meta.json,
-    checked against ``recipe_dict`` without building anything; None for a fresh run. Raises
-    CheckpointError on a resume path that is no checkpoint or on any mismatch."""
-    target = find_resume(Path(run_dir) / CHECKPOINTS, resume)
+    checked against ``recipe_dict`` and ``identity`` without building anything; None for a fresh run.
+
+    Raises CheckpointError on a resume path that is no checkpoint, on any mismatch, and on
+    ``resume: never`` over a run directory that already holds checkpoints (the new run's checkpoints,
+    pruning and metrics would interleave with the old run's).
+    """
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    if resume == "never":
+        existing = complete_checkpoints(checkpoints)
+        if existing:
+            raise CheckpointError(
+                f"checkpoint.resume=never, but {run_dir} already holds {len(existing)} checkpoint(s) of an earlier "
+                f"run (newest {existing[-1].name}); a fresh run there would mix its checkpoints and metrics with "
+                "them. Pick a new run.name, or delete that run directory first.")
+        return None
+    target = find_resume(checkpoints, resume)
     if target is None:
         return None
-    return target, check_resume_target(target, recipe_dict, world_size)
+    return target, check_resume_target(target, recipe_dict, world_size, identity)
+
+
+def _damaged(path: Path, err: Exception) -> CheckpointError:
+    """The error for an unreadable meta.json / recipe.yaml / train state, naming an earlier checkpoint to use."""
+    step_dir = path.parent
+    earlier = [p for p in complete_checkpoints(step_dir.parent) if p.name < step_dir.name]
+    fix = (f"resume from the previous one with checkpoint.resume={earlier[-1]}" if earlier
+           else "start a new run under another run.name")
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return CheckpointError(f"{path} is damaged or not udmtrain's ({reason}); {fix}")
+
+
+def read_meta(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """meta.json of a step directory; a damaged one raises CheckpointError naming it and the way out."""
+    path = Path(step_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _damaged(path, err) from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, ValueError("not a JSON object"))
+    return meta
+
+
+def read_saved_recipe(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """recipe.yaml of a step directory (plain YAML); a damaged one raises CheckpointError naming it."""
+    path = Path(step_dir) / "recipe.yaml"
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise _damaged(path, err) from None
+    if not isinstance(recipe, dict):
+        raise _damaged(path, ValueError("not a YAML mapping"))
+    return recipe
+
+
+RUN_IDENTITY = ("vocab_size", "tokenizer_sha256")
+"""meta.json fields a resume must reproduce: the vocabulary and the tokenizer's file hash. The recipe names
+the tokenizer's *path*; these catch a tokenizer retrained or replaced at the same path."""
 
 
 def check_resume_target(step_dir: str | os.PathLike, recipe_dict: Mapping[str, Any] | None,
-                        world_size: int | None) -> dict[str, Any]:
+                        world_size: int | None, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Check that a run with ``recipe_dict`` (and ``world_size`` ranks; None skips that check) can resume
     from the complete checkpoint ``step_dir`` (:func:`check_compatible`); returns its meta.json.
 
-    Called before anything starts (the launch preflight and ``--dry-run``) and again by
-    :meth:`Checkpointer.load`, so a mismatch is a one-line error, never a DeepSpeed traceback.
+    ``identity``: this run's :data:`RUN_IDENTITY` values (V, tokenizer sha256); each one the checkpoint
+    also recorded must be equal. Called before anything starts (the launch preflight and ``--dry-run``)
+    and again by :meth:`Checkpointer.load`, so a mismatch or a damaged file is a one-line error, never a
+    DeepSpeed traceback.
     """
     step_dir = Path(step_dir)
-    meta = json.loads((step_dir / "meta.json").read_text())
-    saved_recipe = yaml.safe_load((step_dir / "recipe.yaml").read_text()) if recipe_dict is not None else None
+    meta = read_meta(step_dir)
+    saved_recipe = read_saved_recipe(step_dir) if recipe_dict is not None else None
     try:
         check_compatible(saved_recipe or {}, recipe_dict or {}, saved_world_size=meta.get("world_size"),
                          world_size=world_size, where=str(step_dir))
@@ -194,6 +249,13 @@ def check_resume_target(step_dir: str | os.PathLike, recipe_dict: Mapping[str, A
             raise
         raise CheckpointError(f"{err}\nIt is an import (tools/import_ckpt.py): to keep its weights, import it "
                               "again with this run's --precision and --world-size.") from None
+    changed = [f"{key} {meta[key]!r} -> {value!r}" for key, value in (identity or {}).items()
+               if value is not None and meta.get(key) is not None and meta[key] != value]
+    if changed:
+        raise CheckpointError(
+            f"{step_dir} was trained with another tokenizer than the one this run loads ({'; '.join(changed)}): "
+            "the file behind tokenizer.path was retrained or replaced. Point tokenizer.path at the tokenizer the "
+            "run was trained with, or start a new run (a new run.name).")
     return meta
 
 
@@ -341,14 +403,16 @@ class Checkpointer:
         return doomed
 
     def load(self, engine, step_dir: str | os.PathLike, train_state: TrainState,
-             recipe_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Collective: check compatibility, restore the engine, this rank's TrainState and its RNGs.
+             recipe_dict: Mapping[str, Any] | None = None, identity: Mapping[str, Any] | None = None
+             ) -> dict[str, Any]:
+        """Collective: check compatibility (:func:`check_resume_target`), restore the engine, this rank's
+        TrainState and its RNGs.
 
         Returns meta.json. The RNG snapshot is restored last, so the caller must draw nothing random
         between ``load`` and the first training step for a bit-exact continuation.
         """
         step_dir = Path(step_dir)
-        meta = check_resume_target(step_dir, recipe_dict, get_world_size())
+        meta = check_resume_target(step_dir, recipe_dict, get_world_size(), identity)
         dse.load(engine, step_dir)
         # ZeRO-3: after a load the parameter coordinator holds a stale fetch trace, and with the EMA's
         # gathers in the loop the second step after a resume dies with DeepSpeed's "tracing error ...
@@ -360,7 +424,10 @@ class Checkpointer:
         state = load_rank_state(step_dir, rank)
         if state.pop("has_ema", False) and rank != 0:
             state["ema"] = load_rank_state(step_dir, 0)["ema"]
-        train_state.load_state_dict(state)
+        try:
+            train_state.load_state_dict(state)
+        except ValueError as err:  # unknown keys, a newer format: not a train state this udmtrain wrote
+            raise _damaged(step_dir / f"rank{rank}_state.pt", err) from None
         if train_state.rng is not None:
             restore_rng_state(train_state.rng)
         return meta

@@ -13,7 +13,6 @@ beside the weights (``recipe.yaml``), with optional dotted overrides (e.g. ``sam
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,12 +123,13 @@ def load_for_inference(ckpt: str | os.PathLike, overrides: Sequence[str] = (), u
     from udmtrain.data.tokenizers import load_tokenizer
     from udmtrain.engine.deepspeed_engine import load_fp32_state_dict
 
+    from udmtrain.train.checkpoint import read_meta
     from udmtrain.train.exports import is_export, load_export
 
     step_dir = resolve_checkpoint(ckpt)
     if is_export(step_dir):
         return load_export(step_dir, overrides, use_ema, device)
-    meta = json.loads((step_dir / "meta.json").read_text())
+    meta = read_meta(step_dir)
     recipe = step_dir / "recipe.yaml"
     if not recipe.is_file():
         raise CheckpointNotFound(f"{step_dir} has no recipe.yaml; it was not written by udmtrain's Checkpointer")
@@ -139,6 +139,11 @@ def load_for_inference(ckpt: str | os.PathLike, overrides: Sequence[str] = (), u
     if int(tokenizer.vocab_size) != vocab_size:
         raise InferenceError(f"{step_dir} was trained with V={vocab_size} but the tokenizer {tokenizer.spec()!r} has "
                          f"V={tokenizer.vocab_size}; point tokenizer.path at the run's tokenizer")
+    trained_with = meta.get("tokenizer_sha256")
+    if trained_with is not None and tokenizer.identity().get("sha256") != trained_with:
+        raise InferenceError(f"{step_dir} was trained with another tokenizer than {tokenizer.spec()!r} (its files' "
+                             "sha256 differs: retrained or replaced since); decoded text would be wrong. Point "
+                             "tokenizer.path at the tokenizer the run was trained with")
     try:
         components = build_components(cfg, vocab_size)
     except ValueError as err:  # e.g. a sampler setting its constructor rejects

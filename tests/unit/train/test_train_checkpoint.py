@@ -147,7 +147,7 @@ def test_check_compatible_names_architecture_fields():
         check_compatible(RECIPE, changed)
     text = str(err.value)
     assert "model.hidden_size: saved 16, now 32" in text and "data.seq_len: saved 8, now 16" in text
-    assert "optim" not in text and "max_steps" not in text and "checkpoint.resume=never" in text
+    assert "optim" not in text and "max_steps" not in text and "another run.name" in text
     check_compatible(RECIPE, {**RECIPE, "optim": {"lr": 1.0}})  # tuples vs lists and knobs: fine
     with pytest.raises(CheckpointError, match="process.name: saved 'uniform', now 'masked'"):
         check_compatible(RECIPE, {**RECIPE, "process": {"name": "masked"}})
@@ -176,7 +176,7 @@ def test_check_compatible_refuses_another_optimizer_state_layout(saved, now, ok)
     assert f"engine.zero_stage={saved[0]} and engine.precision={saved[1]}" in text
     assert f"this run has engine.zero_stage={now[0]} and engine.precision={now[1]}" in text
     assert f"Resume with engine.zero_stage={saved[0]} engine.precision={saved[1]}" in text
-    assert "checkpoint.resume=never" in text and text.startswith("ckpt/step_1")
+    assert "another run.name" in text and text.startswith("ckpt/step_1")
 
 
 def test_resume_target_of_an_import_says_to_import_again(tmp_path):
