@@ -38,6 +38,9 @@ CONSTRUCTION = [  # (override, key the report must name)
     ("sampler.top_p=1.5", "sampler.top_p"), ("sampler.num_steps=0", "sampler.num_steps"),
     ("model.noise_conditioning=none", "model.noise_conditioning"),
     ("run.name=../escape", "run.name"), ("run.name=/tmp/abs", "run.name"), ("run.name=a/b", "run.name"),
+    ("run.seed=-1", "run.seed"), ("run.seed=18446744073709551616", "run.seed"),  # died in the data loader
+    ("engine.deepspeed_extra={zero_optimization: {bogus_key: 1}}", "engine.deepspeed_extra"),  # pydantic traceback
+    ("engine.deepspeed_extra={zero_optimization: {overlap_comm: maybe}}", "engine.deepspeed_extra"),
 ]
 
 
@@ -103,3 +106,23 @@ def test_dry_run_refuses_a_position_table_shorter_than_the_sequence(capsys) -> N
     code, out = pretrain_main(["--recipe", QUICKSTART, "--dry-run", "model.learned_positions=100"], capsys)
     line = assert_refused(code, out, "command line arg 1", "model.learned_positions")
     assert "model.learned_positions >= 128" in out, line
+
+
+def test_deepspeed_extra_report_names_the_rejected_key(capsys) -> None:
+    """DeepSpeed's schema is checked in the dry run (only when deepspeed_extra adds keys), per rejected field."""
+    code, out = pretrain_main(["--recipe", QUICKSTART, "--dry-run",
+                               "engine.deepspeed_extra={zero_optimization: {bogus_key: 1, overlap_comm: maybe}}"], capsys)
+    assert_refused(code, out, "DeepSpeed's config schema", "bogus_key: Extra inputs", ".overlap_comm: Input should be")
+    code, out = pretrain_main(["--recipe", QUICKSTART, "--dry-run", "engine.deepspeed_extra={steps_per_print: 5}"],
+                              capsys)
+    assert code == 0, out[-2000:]
+
+
+def test_flash_backend_without_flash_attn_is_a_report_not_a_traceback(capsys) -> None:
+    from udmtrain.utils.optional import available
+
+    if available("flash_attn")[0]:
+        pytest.skip("flash_attn is installed here")
+    code, out = pretrain_main(["--recipe", QUICKSTART, "--dry-run", "model.attn_backend=flash"], capsys)
+    assert_refused(code, out, "command line arg 1", "model.attn_backend")
+    assert "pip install 'udmtrain[gpu]'" in out

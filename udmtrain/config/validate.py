@@ -65,6 +65,7 @@ _BOUNDS: tuple[tuple[str, Any, str], ...] = (
     ("data.seq_len", lambda v: v >= 1, "must be >= 1"),
     ("data.shuffle_buffer", lambda v: v >= 0, "must be >= 0"),
     ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
+    ("run.seed", lambda v: 0 <= v < 2**63, "must be in [0, 2**63): it seeds torch, NumPy and the data order"),
     ("run.name", lambda v: bool(v) and v not in (".", "..") and "/" not in v and "\\" not in v and "\0" not in v,
      "must be a plain directory name (no '/', '..' or absolute path): the run is written to "
      "<run.output_root>/<run.name>"),

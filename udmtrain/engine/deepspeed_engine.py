@@ -117,6 +117,27 @@ def _merge_extra(config: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, 
     return config
 
 
+def check_ds_config(ds_config: dict[str, Any]) -> None:
+    """Validate a DeepSpeed config dict against DeepSpeed's own schema without starting anything.
+
+    Raises ValueError naming ``engine.deepspeed_extra`` and each rejected key (e.g. an unknown key under
+    ``zero_optimization``, a stage of 9), which ``deepspeed.initialize`` would otherwise raise as a
+    pydantic traceback after the process group is up. Batch sizes must be those of one rank.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(copy.deepcopy(ds_config))
+    except (ValueError, AssertionError, TypeError) as err:
+        errors = getattr(err, "errors", None)  # pydantic: one record per rejected field
+        if callable(errors):
+            where = getattr(err, "title", "config")
+            detail = "; ".join(f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors())
+        else:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"engine.deepspeed_extra is rejected by DeepSpeed's config schema: {detail}") from None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

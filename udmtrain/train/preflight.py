@@ -4,7 +4,8 @@
 which instantiates the recipe's components exactly as training, sampling and evaluation do: the
 network on the ``meta`` device (no memory), the optimizer and LR schedule over one dummy parameter.
 Whatever a constructor rejects (``optim.lr=-1``, a cosine decay shorter than its warmup,
-``sampler.top_p=0``, a process the model's ``noise_conditioning`` cannot serve, ...) becomes a
+``sampler.top_p=0``, a process the model's ``noise_conditioning`` cannot serve, a key DeepSpeed's config
+schema does not know in ``engine.deepspeed_extra``, ...) becomes a
 ``ConfigIssue`` pointing at the recipe line of the key it names. No second list of rules exists:
 the rule "what construction rejects, the dry run rejects" holds because the dry run *is* construction.
 """
@@ -39,7 +40,7 @@ def construction_issues(cfg: Any, vocab_size: int | None = None) -> list[ConfigI
     def attempt(section: str, build) -> Any:
         try:
             return build()
-        except (ValueError, TypeError, KeyError) as err:
+        except (ValueError, TypeError, KeyError, ImportError) as err:  # ImportError: attn_backend=flash, no flash_attn
             issues.append(_issue(cfg, section, err))
             return None
 
@@ -48,6 +49,10 @@ def construction_issues(cfg: Any, vocab_size: int | None = None) -> list[ConfigI
     check_seq_len = getattr(getattr(components, "model", None), "check_seq_len", None)
     if check_seq_len is not None:  # e.g. a learned position table shorter than data.seq_len
         attempt("model", lambda: check_seq_len(int(cfg.data.seq_len)))
+    if cfg.engine.deepspeed_extra:  # DeepSpeed's own schema, only when the recipe adds keys (its import costs seconds)
+        from udmtrain.engine.deepspeed_engine import build_ds_config, check_ds_config
+
+        attempt("engine", lambda: check_ds_config(build_ds_config(cfg.engine, 1)))
     optimizer = attempt("optim", lambda: build_optimizer(cfg.optim.name, cfg.optim.cfg, device="cpu")(
         [torch.nn.Parameter(torch.zeros(1))]))
     if optimizer is not None:
