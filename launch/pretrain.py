@@ -15,9 +15,9 @@ Options:
 
 Every recipe key is documented in docs/recipes.md. A bad recipe is reported in full on rank 0 with
 exit code 2 before any process group starts. ``checkpoint.resume: auto`` (the default) continues the
-latest complete checkpoint of ``runs/<run.name>``; a run already at ``train.max_steps`` says so and
-exits (raise ``train.max_steps`` to continue it). A run writes ``runs/<run.name>/`` with
-``checkpoints/``, ``metrics.jsonl`` and ``tensorboard/`` (``tensorboard --logdir runs``).
+latest complete checkpoint of ``<run.output_root>/<run.name>`` (``runs/<run.name>`` by default); a run
+already at ``train.max_steps`` says so and exits (raise ``train.max_steps`` to continue it). A run writes
+``checkpoints/``, ``metrics.jsonl`` and ``tensorboard/`` there (``tensorboard --logdir runs``).
 Exit codes: 0 done, 2 bad recipe or data, 3 stopped on non-finite losses.
 """
 

@@ -59,3 +59,11 @@ class BareStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return int(tokens.item())
+
+
+if __name__ == "__main__":  # a module of tools/bench.py, not a command: say so instead of exiting silently
+    import sys
+
+    print(__doc__.strip() + "\n\nRun it through: python tools/bench.py train --recipe RECIPE --compare-bare",
+          file=sys.stderr)
+    sys.exit(0 if any(a in ("-h", "--help") for a in sys.argv[1:]) else 2)

@@ -38,7 +38,8 @@ from udmtrain.utils.progress import progress  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
+    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, a step_XXXXXXXXXX dir, or an export "
+                                                 "of tools/export_ckpt.py")
     p.add_argument("--data", nargs="+", default=None, help="validation shard dirs/patterns (default: recipe's)")
     p.add_argument("--num-t-samples", type=positive_int, default=None, help="K time samples (default: eval.num_t_samples)")
     p.add_argument("--method", choices=["mc", "quadrature"], default="mc")

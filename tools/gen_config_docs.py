@@ -48,8 +48,9 @@ python launch/pretrain.py --recipe recipes/mdlm.yaml --dry-run
 * **`base:`** names one file or a list of files, relative to the file that names them; a list applies
   left to right, each base resolved with its own bases first. A cycle is an error naming the chain.
 * **Merge:** mappings merge key by key; lists and scalars replace. A component section whose `name`
-  changes is **replaced**, not merged: `schedule: {name: cosine}` over a parent's
-  `schedule: {name: geometric, sigma_max: 20}` does not inherit `sigma_max`.
+  changes is **replaced**, not merged: `lr_schedule: {name: cosine}` over a parent's
+  `lr_schedule: {name: constant_warmup, warmup_steps: 100}` does not inherit `warmup_steps` (it gets
+  cosine's default).
 * **Overrides:** `section.key=value`, parsed with the same scalar rules as files
   (`optim.lr=1e-4` is a float, `optim.betas=[0.9,0.95]` a list, `sampler={name: ancestral}` a mapping).
   In error messages an override is `command line arg N` (the N-th override).

@@ -42,7 +42,8 @@ SWEEP_KEYS = {"temperature": float, "top_p": float, "steps": int}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
+    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, a step_XXXXXXXXXX dir, or an export "
+                                                 "of tools/export_ckpt.py")
     p.add_argument("--num-samples", type=positive_int, default=64)
     inf.add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)

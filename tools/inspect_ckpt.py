@@ -179,6 +179,12 @@ def inspect_step(step_dir: Path) -> dict[str, Any]:
 def inspect(path: str | os.PathLike) -> dict[str, Any]:
     """``{"run": ..., "checkpoint_dir": {...listing...}, "chosen": {...inspect_step...}}`` for ``path``."""
     step_dir = inf.resolve_checkpoint(path)
+    from udmtrain.train.exports import is_export
+
+    if is_export(step_dir):  # model.pt + recipe.yaml + meta.json: no DeepSpeed shards, train state or cursors
+        raise inf.InferenceError(
+            f"{os.fspath(path)} is an export of tools/export_ckpt.py, not a training checkpoint: its meta.json "
+            f"names the source checkpoint and step, recipe.yaml the model; the tools load it with --ckpt {os.fspath(path)}")
     ckpt_dir = step_dir.parent
     run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else None
     return {"run": os.fspath(run_dir) if run_dir is not None else None, **list_checkpoints(ckpt_dir),

@@ -28,7 +28,8 @@ from udmtrain.utils.progress import counting, progress  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
+    p.add_argument("--ckpt", required=True, help="run dir, its checkpoints/ dir, a step_XXXXXXXXXX dir, or an export "
+                                                 "of tools/export_ckpt.py")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler.num_steps (default: the recipe's)")
     p.add_argument("--num-samples", type=positive_int, default=4, help="batch size of the probed trajectory")
     p.add_argument("--positions", type=positive_int, default=5, help="positions perturbed per trial")

@@ -218,3 +218,12 @@ def test_tokenizer_replaced_at_the_same_path_is_refused(run_copy: Path, tmp_path
         check_resume_target(step_dir(run_copy), None, None, {"vocab_size": VOCAB_SIZE, "tokenizer_sha256": "f00"})
     with pytest.raises(CheckpointError, match=f"vocab_size {VOCAB_SIZE} -> 512"):
         check_resume_target(step_dir(run_copy), None, None, {"vocab_size": 512, "tokenizer_sha256": None})
+
+
+def test_inspect_ckpt_on_an_export_says_what_it_is(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """It said '<export>/rank0_state.pt does not exist; the checkpoint is incomplete'."""
+    out_dir = tmp_path / "export"
+    code, out = call("export_ckpt", [str(trained_run), "--out", str(out_dir)], capsys)
+    assert code == 0, out
+    code, out = call("inspect_ckpt", [str(out_dir)], capsys)
+    assert_refused(code, out, str(out_dir), "is an export of tools/export_ckpt.py", f"--ckpt {out_dir}")

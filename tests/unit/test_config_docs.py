@@ -87,3 +87,20 @@ def test_field_docs_reads_attribute_docstrings_of_nested_and_inherited_classes()
             c: int = 0
 
     assert field_docs(Outer.Config) == {"a": "first", "b": "second\nline"}
+
+
+def test_the_real_report_in_the_design_doc_is_real():
+    """docs/design.md shows the recipe report of one command as "a real report": it must stay that command's output."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    doc = (repo / "docs" / "design.md").read_text()
+    match = re.search(r"A real\s+report \(`python -m udmtrain.config (.*?)`\):\n\n```\n(.*?)```", doc, re.S)
+    assert match, "docs/design.md lost its real report"
+    args, shown = match.group(1).split(), match.group(2)
+    proc = subprocess.run([sys.executable, "-m", "udmtrain.config", *args], cwd=repo, capture_output=True, text=True)
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and shown.strip() == printed[printed.index("udmtrain: recipe"):].strip()

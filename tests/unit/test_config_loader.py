@@ -155,3 +155,16 @@ def test_merge_does_not_mutate_inputs():
     out.data["a"]["b"].append(5)
     assert parent.data == {"a": {"b": [1]}} and out.origins == {"a.b": "p", "a.c": "c"}
     assert parse_overrides(["a=1"], [])[0].data == {"a": 1}
+
+
+def test_tool_flag_overrides_carry_their_flag_and_do_not_shift_the_users_numbers():
+    """``sample.py --steps 2 sampler.k_paralel=3`` reported the user's only override as ``command line arg 2``."""
+    from udmtrain.config.loader import FlagOverride, parse_overrides
+
+    issues = []
+    trees = parse_overrides([FlagOverride("sampler.num_steps=2", "--steps"), "sampler.top_p=0.9", "optim.lr=1e-4"],
+                            issues)
+    assert not issues
+    assert [t.origins[next(iter(t.origins))] for t in trees] == ["option --steps", "command line arg 1",
+                                                                "command line arg 2"]
+    assert FlagOverride("a.b=1", "--x") == "a.b=1"  # still the plain override text everywhere else

@@ -307,14 +307,30 @@ def load_file(path: str, issues: list[ConfigIssue], _chain: tuple[str, ...] = ()
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
+class FlagOverride(str):
+    """An override a tool derives from one of its own flags (``--steps 8`` -> ``sampler.num_steps=8``):
+    reported with that flag as its origin, and not counted in the user's ``command line arg N``."""
+
+    origin: str
+
+    def __new__(cls, text: str, flag: str) -> "FlagOverride":
+        item = super().__new__(cls, text)
+        item.origin = f"option {flag}"
+        return item
+
+
 def parse_overrides(overrides: Sequence[str], issues: list[ConfigIssue], first_arg: int = 1) -> list[Tree]:
     """``["optim.lr=1e-4", ...]`` -> one single-key Tree per override (origin ``command line arg N``).
 
-    ``N`` counts overrides from ``first_arg``; the value is parsed with the YAML-1.2 scalar rules.
+    ``N`` counts the user's overrides from ``first_arg`` (a :class:`FlagOverride` carries its own origin
+    and is not counted); the value is parsed with the YAML-1.2 scalar rules.
     """
     trees = []
-    for i, item in enumerate(overrides, start=first_arg):
-        origin = f"command line arg {i}"
+    number = first_arg
+    for item in overrides:
+        origin = getattr(item, "origin", None)
+        if origin is None:
+            origin, number = f"command line arg {number}", number + 1
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not _KEY_RE.match(key):

@@ -265,12 +265,14 @@ def sampler_overrides(args: Any, extra: Sequence[str] = ()) -> list[str]:
     ``sampler.name`` comes first: naming another sampler replaces the whole section (the recipe
     merge rule), so the other ``sampler.*`` settings then apply to the new sampler.
     """
-    out = [f"sampler.name={args.sampler}"] if getattr(args, "sampler", None) else []
+    from udmtrain.config.loader import FlagOverride
+
+    out = [FlagOverride(f"sampler.name={args.sampler}", "--sampler")] if getattr(args, "sampler", None) else []
     for flag, key in (("steps", "num_steps"), ("temperature", "temperature"), ("top_p", "top_p"),
                       ("temperature_on", "temperature_on")):
         value = getattr(args, flag, None)
         if value is not None:
-            out.append(f"sampler.{key}={value}")
+            out.append(FlagOverride(f"sampler.{key}={value}", f"--{flag.replace('_', '-')}"))
     return out + list(extra)
 
 
