@@ -118,6 +118,8 @@ def _check_data(cfg) -> str | None:
     try:
         check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
     except DataError as err:
+        if not err.rebuild_fixes:  # its message already says what to do; new shards would not help
+            return str(err)
         return f"{err}\nBuild shards for this recipe with:\n  {_prepare_command(cfg)}"
     return None
 

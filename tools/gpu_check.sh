@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' | tee -a "$OUT/gpu.txt"
 
 echo "=== data"
-python3 tools/train_tokenizer.py --source demo --vocab-size 8192 --out $D/tok.model > /dev/null
+[[ -f $D/tok.model ]] || python3 tools/train_tokenizer.py --source demo --vocab-size 8192 --out $D/tok.model > /dev/null
 python3 tools/prepare_data.py --source demo --tokenizer $D/tok.model --seq-len 512 --out $D > /dev/null
 COMMON="data.train_shards=$D/train-*.tar data.valid_shards=$D/valid-*.tar data.seq_len=512 data.num_workers=2
  tokenizer.name=sentencepiece tokenizer.path=$D/tok.model run.output_root=$R lr_schedule.warmup_steps=10

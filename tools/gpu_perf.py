@@ -65,7 +65,9 @@ def prepare_data(out: Path, sizes: dict, env: dict) -> list[str]:
     data = out / "data"
     tok = data / "tok.model"
     if not (data / "manifest.json").is_file():
-        for cmd in (["tools/train_tokenizer.py", "--source", "demo", "--vocab-size", str(sizes["vocab"]), "--out", str(tok)],
+        # --force: a model left by an interrupted earlier run is retrained (train_tokenizer refuses to replace one)
+        for cmd in (["tools/train_tokenizer.py", "--source", "demo", "--vocab-size", str(sizes["vocab"]), "--out", str(tok),
+                     "--force"],
                     ["tools/prepare_data.py", "--source", "demo", "--tokenizer", str(tok), "--seq-len",
                      str(sizes["seq_len"]), "--no-progress", "--out", str(data)]):
             rc, text = _run([sys.executable, *cmd], 300, env)

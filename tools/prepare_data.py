@@ -8,13 +8,18 @@
     python tools/prepare_data.py --source sudoku --num-puzzles 100000 --min-clues 30 --max-clues 40 \\
         --seed 0 --out data/sudoku
     python tools/prepare_data.py --source csv --input sudoku.csv --out data/sudoku_csv
+    python tools/prepare_data.py --verify --out data/demo
 
 Sudoku (docs/sudoku.md): one sample per puzzle, 164 tokens = 81 puzzle digits (0 = blank), a
 separator, 81 solution digits, an end token, with a prompt mask on the puzzle and separator
 (never noised, never scored). --tokenizer and --seq-len are fixed (sudoku, 164) for these sources;
 the first puzzles (--valid-fraction of them) are the validation split, distinct from the training ones.
 
-Re-running finishes an interrupted run and skips finished shards. Prints the manifest summary as JSON.
+Re-running finishes an interrupted run and skips finished shards (a finished split left out of
+--splits stays in the manifest). Prints the manifest summary as JSON.
+
+--verify builds nothing: it reads every shard of --out and checks its sha256 against manifest.json
+(training checks only the sizes), printing the shards checked as JSON or the first mismatching file.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from udmtrain.utils.io import OutputError, check_writable  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, choices=["demo", "files", "hf", "sudoku", "csv"])
+    p.add_argument("--source", choices=["demo", "files", "hf", "sudoku", "csv"], help="required unless --verify")
     p.add_argument("--input", nargs="+", default=[],
                    help="files, directories or globs (--source files); one quizzes,solutions CSV (--source csv)")
     p.add_argument("--hf-name", help="openwebtext | wikitext-103 | lm1b | any hub dataset path")
@@ -60,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer worker processes (0: tokenize in this process)")
     p.add_argument("--overwrite", action="store_true", help="delete existing shards in --out first")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verify", action="store_true",
+                   help="build nothing: check every shard in --out against the sha256 its manifest.json records")
     p.add_argument("--out", required=True)
     return p
 
@@ -102,7 +109,12 @@ def _sudoku(args: argparse.Namespace, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify:
+        return _verify(args.out)
+    if not args.source:
+        parser.error("the following arguments are required: --source (or --verify)")
     command = "python tools/prepare_data.py " + shlex.join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--overwrite",))
     if args.source in ("sudoku", "csv"):
@@ -134,6 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return _summary(args, manifest)
+
+
+def _verify(out: str) -> int:
+    """``--verify``: the sha256 of every shard in ``out`` against its manifest; exit 2 at the first mismatch."""
+    from udmtrain.data.manifest import verify_shard_hashes
+
+    try:
+        report = verify_shard_hashes(out)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": out, "verified": report["splits"], "bytes": report["bytes"]}, indent=1))
+    return 0
 
 
 def _summary(args: argparse.Namespace, manifest: dict) -> int:

@@ -7,6 +7,10 @@
 
 Ids: unk=0, bos=1, eos=2, pad=3 (docs/data.md, "Special tokens"). Training reads the train split
 only (the held-out validation documents stay unseen). Prints the tokenizer identity as JSON.
+
+An existing --out is refused unless --force: shards and runs built with a model record its sha256,
+and a model retrained under the same name would decode their samples wrongly. The model is written
+atomically (a failed training leaves the old one as it was).
 """
 
 from __future__ import annotations
@@ -38,11 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="sentencepiece input_sentence_size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="TOKENIZER.model")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (rebuild its shards afterwards)")
     args = p.parse_args(argv)
     try:
         check_writable(args.out, "--out")
     except OutputError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if os.path.exists(args.out) and not args.force:
+        print(f"error: --out {args.out} already exists, and shards or runs built with it would decode wrongly under "
+              "a retrained model; choose another --out, or pass --force to replace it (then rebuild its shards)",
+              file=sys.stderr)
         return 2
     from udmtrain.data.sources import SourceSpec, iter_documents
     from udmtrain.data.tokenizers import train_sentencepiece

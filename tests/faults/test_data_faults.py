@@ -240,3 +240,89 @@ def test_training_reports_corrupt_data(data_copy: Path, tmp_path: Path, policy: 
     records = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("data/corrupt_skipped", 0) for r in records) == 1
     assert "corrupt_skipped 1" in proc.stdout
+
+
+def _prepare_argv(data: Path, tokenizer: Path, *extra: str) -> list[str]:
+    """The prepare_data command of ``tiny_data`` (conftest.py), aimed at ``data``."""
+    return ["--source", "demo", "--tokenizer", str(tokenizer), "--seq-len", "32", "--samples-per-shard", "512",
+            "--num-workers", "0", "--no-progress", "--out", str(data), *extra]
+
+
+def test_prepare_data_splits_train_keeps_the_finished_valid_split(data_copy: Path) -> None:
+    """Re-running with ``--splits train`` on a finished data set keeps 'valid' in the manifest (its shards
+    are not orphaned), so validation still finds it."""
+    before = manifest(data_copy)
+    assert tool("prepare_data").main(_prepare_argv(data_copy, data_copy / "tokenizer.model", "--splits", "train")) == 0
+    after = manifest(data_copy)
+    assert after["splits"] == before["splits"]
+    seen = [k for batch in build_valid_loader(Cfg(data_copy), 4, 0, 1) for k in batch["sample_ids"] if k]
+    assert len(seen) == before["splits"]["valid"]["num_samples"]
+
+
+def test_damaged_tokenizer_is_one_line_not_a_traceback(data_copy: Path, capsys) -> None:
+    """A truncated sentencepiece model: the launch, its dry run and prepare_data name the file and the fix."""
+    model = data_copy / "tokenizer.model"
+    model.write_bytes(model.read_bytes()[:3000])
+    code, out = launch_check(data_copy, capsys)
+    line = assert_refused(code, out, str(model), "tools/train_tokenizer.py")
+    assert "tokenizer.path" in line and "not found" not in line
+    assert "Build shards for this recipe" not in out  # new shards would not mend the tokenizer
+    pretrain().main(["--recipe", str(REPO / "recipes/quickstart.yaml"), "--dry-run", *TINY, *data_overrides(data_copy)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err and str(model) in captured.out
+    code = tool("prepare_data").main(_prepare_argv(data_copy / "again", model))
+    captured = capsys.readouterr()
+    assert_refused(code, captured.out + captured.err, str(model), "--force")
+
+
+def test_train_tokenizer_refuses_to_replace_a_model_without_force(data_copy: Path, tmp_path: Path, capsys) -> None:
+    """The data set's own tokenizer retrained under it would decode its shards wrongly: --out must be new,
+    or --force given; a failed forced training leaves the old model as it was."""
+    from fault_helpers import call
+
+    model = data_copy / "tokenizer.model"
+    before = model.read_bytes()
+    from udmtrain.data.demo_corpus import iter_demo_documents
+
+    corpus = tmp_path / "corpus.jsonl"  # enough text for a V=400 model: without the refusal it would train
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for _, text in list(iter_demo_documents())[:30]))
+    argv = ["--source", "files", "--input", str(corpus), "--vocab-size", "400", "--out", str(model)]
+    code, out = call("train_tokenizer", argv, capsys)
+    assert_refused(code, out, f"--out {model}", "--force")
+    assert model.read_bytes() == before
+    code, out = call("train_tokenizer", [*argv[:-3], "100000", "--out", str(model), "--force"], capsys)
+    assert_refused(code, out, "sentencepiece training failed")
+    assert model.read_bytes() == before
+    assert not [p.name for p in data_copy.iterdir() if ".tmp" in p.name]
+    code, out = call("train_tokenizer", [*argv, "--force"], capsys)
+    assert code == 0, out
+    assert json.loads(out)["vocab_size"] == 400 and model.read_bytes() != before
+
+
+def test_verify_finds_a_same_size_change_that_the_size_check_cannot(data_copy: Path, capsys) -> None:
+    """The manifest's sha256 is checked by prepare_data --verify (training compares sizes only), and a
+    re-run of prepare_data does not re-seal the changed shard."""
+    from fault_helpers import call
+
+    from udmtrain.data.manifest import check_manifest
+
+    code, out = call("prepare_data", ["--verify", "--out", str(data_copy)], capsys)
+    assert code == 0, out
+    record = manifest(data_copy)
+    assert json.loads(out)["verified"] == {s: r["num_shards"] for s, r in record["splits"].items()}
+    shard = data_copy / "train-000001.tar"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    check_manifest(Cfg(data_copy))  # same size: the pre-training check cannot see it
+    code, out = call("prepare_data", ["--verify", "--out", str(data_copy)], capsys)
+    assert_refused(code, out, str(shard), "sha256")
+    code, out = call("prepare_data", _prepare_argv(data_copy, data_copy / "tokenizer.model"), capsys)
+    assert_refused(code, out, str(shard), "--overwrite")
+    assert manifest(data_copy) == record
+
+
+def test_a_shard_selected_twice_is_refused_before_training(data_copy: Path, capsys) -> None:
+    code, out = launch_check(data_copy, capsys, f"data.train_shards={data_copy}/train-00000{{0,1,1}}.tar")
+    assert_refused(code, out, "data.train_shards", str(data_copy / "train-000001.tar"), "twice")
+    assert "Build shards for this recipe" not in out

@@ -46,6 +46,14 @@ from udmtrain.data.webdataset import iter_raw_samples
 
 log = logging.getLogger("udmtrain.data")
 STATE_VERSION = 1
+RESUME_KEYS = {  # cursor field -> the setting behind it, for the error of a resume with other settings
+    "world_size": "world size {saved} (the launcher's --num_gpus/--num_nodes; this run has {mine})",
+    "rank": "rank {saved} (this process is rank {mine})",
+    "batch_size": "engine.micro_batch_size={saved} (this run: {mine})",
+    "num_logical_workers": "data.num_workers={saved} (this run: {mine})",
+    "seed": "run.seed={saved} (this run: {mine})",
+    "num_shards": "{saved} train shards (data.train_shards; this run selects {mine})",
+}
 
 
 class _CorruptPolicy:
@@ -240,13 +248,21 @@ class TrainLoader:
                 "num_shards": len(self.urls), "num_corrupt": self.num_corrupt}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` output; refuses a stream that would not be identical."""
+        """Resume from :meth:`state_dict` output; refuses a stream that would not be identical, naming each
+        setting that differs as the user sets it (``RESUME_KEYS``) with the value that resumes exactly."""
+        differ = []
         for key, mine in (("world_size", self.world_size), ("rank", self.rank), ("batch_size", self.batch_size),
                           ("num_logical_workers", self.num_logical), ("seed", self.seed),
                           ("num_shards", len(self.urls))):
-            if state.get(key) != mine:
-                raise DataError(f"data cursor was saved with {key}={state.get(key)} but this run has {mine}; "
-                                "an exact resume needs the same value (or start the data stream afresh)")
+            saved = state.get(key)
+            if saved != mine:
+                if key == "num_logical_workers":  # as set: 0 and 1 read the same single stream
+                    saved, mine = ("1 (or 0)" if saved == 1 else saved), self.num_workers
+                differ.append(RESUME_KEYS[key].format(saved=saved, mine=mine))
+        if differ:
+            raise DataError(f"the checkpoint's data stream was read with {', '.join(differ)}; set "
+                            f"{'these' if len(differ) > 1 else 'that'} to resume exactly where it stopped, or start "
+                            "a new run (checkpoint.resume=never and a new run.name)")
         self.close()
         self.cursors = [(int(e), int(n)) for e, n in state["cursors"]]
         self.next_worker = int(state["next_worker"])

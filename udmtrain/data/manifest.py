@@ -13,8 +13,11 @@ Layout (``format_version`` 1)::
 
 ``num_tokens`` counts non-padding positions (BOS/EOS included). ``bytes`` and ``sha256`` of each
 shard were added later; manifests without them still load (the size check is then skipped, with a
-warning). Shards of prompt-conditioned samples (``prepare_prompted``) add ``"prompt": true``,
-``"packing": "none"`` and per split ``num_prompt_tokens``; their samples carry a ``prompt.npy`` mask.
+warning). Before training only ``bytes`` is compared (:func:`verify_shard_set`, cheap); the full
+``sha256`` check reads every shard and runs on request (:func:`verify_shard_hashes`,
+``tools/prepare_data.py --verify --out DIR``). Shards of prompt-conditioned samples
+(``prepare_prompted``) add ``"prompt": true``, ``"packing": "none"`` and per split
+``num_prompt_tokens``; their samples carry a ``prompt.npy`` mask.
 """
 
 from __future__ import annotations
@@ -101,14 +104,47 @@ def verify_shard_set(manifest: Manifest, spec: Any, urls: list[str], split: str,
         elif is_local(url) and os.path.getsize(local_path(url)) != int(recorded):
             problem = (f"shard {url} has {os.path.getsize(local_path(url))} bytes but {manifest.path} records "
                        f"{recorded}: it was truncated or replaced")
-            if on_corrupt != "skip":
-                raise DataError(f"{problem}; {hint} (or set data.on_corrupt: skip to read what is left)")
+            if on_corrupt != "skip":  # a re-run keeps finished shards: only --overwrite rebuilds this one
+                raise DataError(f"{problem}; {hint} --overwrite (or set data.on_corrupt: skip to read what is left)")
             log.warning("%s; data.on_corrupt=skip: reading what is left", problem)
     if unsized:
         log.warning("%s records no shard sizes (written by an older prepare_data): shard truncation is detected "
                     "only when a shard is exhausted; re-run tools/prepare_data.py --overwrite to add them",
                     manifest.path)
     return {url: int(listed[name]["samples"]) for url, name in zip(urls, names)}
+
+
+def verify_shard_hashes(path: str, splits: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Check every shard a manifest lists against its recorded ``bytes`` and ``sha256`` (reads them all).
+
+    ``path``: a data directory or its ``manifest.json``; ``splits``: those to check (default: all).
+    Returns ``{"manifest", "splits": {split: shards checked}, "bytes"}``; raises :class:`DataError`
+    naming the first shard that is missing, has another size or hash, or has no recorded hash.
+    Shards are looked up beside the manifest (copy remote shards there first).
+    """
+    from udmtrain.data.tokenizers import sha256_of_files
+
+    manifest = load_manifest(path)
+    where = os.path.dirname(manifest.path)
+    hint = f"rebuild the shards with: {manifest.raw.get('command') or 'tools/prepare_data.py'} --overwrite"
+    checked, total = {}, 0
+    for split in splits or tuple(manifest.raw["splits"]):
+        shards = manifest.split(split)["shards"]
+        for shard in shards:
+            file = os.path.join(where, shard["name"])
+            if "sha256" not in shard:
+                raise DataError(f"{manifest.path} records no sha256 for {shard['name']} (written by an older "
+                                "prepare_data), so it cannot be verified; re-run tools/prepare_data.py --overwrite")
+            if not os.path.isfile(file):
+                raise DataError(f"shard {file} is listed in {manifest.path} but missing; restore it, or {hint}")
+            size, digest = os.path.getsize(file), sha256_of_files([file])
+            if size != int(shard["bytes"]) or digest != shard["sha256"]:
+                raise DataError(f"shard {file} has sha256 {digest[:16]}... ({size} bytes) but {manifest.path} "
+                                f"records {shard['sha256'][:16]}... ({shard['bytes']} bytes): its contents changed "
+                                f"after prepare_data wrote it; restore it, or {hint}")
+            total += size
+        checked[split] = len(shards)
+    return {"manifest": manifest.path, "splits": checked, "bytes": total}
 
 
 def write_manifest(directory: str, record: dict[str, Any]) -> str:
@@ -178,9 +214,10 @@ def _tokenizer_hash(expected: Any) -> str | None:
     name, path = _tokenizer_name(expected)
     try:
         return load_tokenizer(expected).identity()["sha256"]
-    except DataError:
-        if name == "sentencepiece":
-            raise DataError(f"data.tokenizer {path!r}: sentencepiece model not found") from None
+    except DataError as err:
+        if name == "sentencepiece":  # missing or damaged: the loader's message says which, and the fix
+            key = "tokenizer.path" if hasattr(expected, "cfg") else "data.tokenizer"
+            raise DataError(f"{key}={path}: {err}", rebuild_fixes=err.rebuild_fixes) from None
         return None  # gpt2 not resolvable here (offline): compare the name only
 
 

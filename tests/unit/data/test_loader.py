@@ -88,8 +88,42 @@ def test_shuffle_changes_order_between_epochs_and_seeds(shards):
 def test_resume_refuses_other_world_size(shards):
     out, _ = shards
     state = build_train_loader(DataCfg(out, out), 2, 0, 1, seed=0).state_dict()
-    with pytest.raises(DataError, match="world_size=1 but this run has 2"):
+    with pytest.raises(DataError, match=r"world size 1 \(.*this run has 2\)"):
         build_train_loader(DataCfg(out, out), 2, 0, 2, seed=0).load_state_dict(state)
+
+
+def test_resume_with_other_settings_names_the_recipe_keys(shards):
+    """The refusal names what the user sets (data.num_workers, engine.micro_batch_size) with the value that
+    resumes exactly, and offers only options that exist."""
+    out, _ = shards
+    saved = build_train_loader(DataCfg(out, out, num_workers=2), 4, 0, 1, seed=0).state_dict()
+    with pytest.raises(DataError) as err:
+        build_train_loader(DataCfg(out, out, num_workers=0), 2, 0, 1, seed=0).load_state_dict(saved)
+    message = str(err.value)
+    assert "data.num_workers=2 (this run: 0)" in message and "engine.micro_batch_size=4 (this run: 2)" in message
+    assert "checkpoint.resume=never" in message and "run.name" in message and "\n" not in message
+    assert "num_logical_workers" not in message and "afresh" not in message
+    single = build_train_loader(DataCfg(out, out, num_workers=0), 4, 0, 1, seed=0).state_dict()
+    with pytest.raises(DataError, match=r"data\.num_workers=1 \(or 0\) \(this run: 2\); set that to resume"):
+        build_train_loader(DataCfg(out, out, num_workers=2), 4, 0, 1, seed=0).load_state_dict(single)
+
+
+def test_a_shard_selected_twice_is_refused(shards):
+    """A directory plus some of its files (or two spellings of one file) would read those shards twice per
+    epoch: refused, naming the shard, the recipe key and the entries that overlap."""
+    out, _ = shards
+    overlapping = [out, os.path.join(out, "train-00000{0..1}.tar")]
+    with pytest.raises(DataError) as err:
+        build_train_loader(DataCfg(overlapping, out), 4, 0, 1, seed=0)
+    message = str(err.value)
+    assert "data.train_shards" in message and os.path.join(out, "train-000000.tar") in message
+    assert repr(overlapping[1]) in message and "\n" not in message
+    with pytest.raises(DataError, match=r"data\.train_shards selects shard .*train-000000\.tar twice"):
+        check_manifest(DataCfg(overlapping, out))
+    spellings = [os.path.join(out, "train-000000.tar"), "file:" + os.path.join(out, "..", os.path.basename(out),
+                                                                               "train-000000.tar")]
+    with pytest.raises(DataError, match=r"data\.valid_shards selects shard .*train-000000\.tar twice"):
+        build_valid_loader(DataCfg(out, spellings), 4, 0, 1)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

@@ -128,3 +128,20 @@ def test_prepare_command_for_a_directory_that_holds_other_shards(tmp_path, corpu
                            "--overwrite") and "pick a new --out" in hint
     assert prepare_command(str(tmp_path / "mine")).endswith("--source files --input CORPUS --tokenizer TOKENIZER "
                                                            f"--seq-len SEQ_LEN --out {tmp_path / 'mine'}")
+
+
+@pytest.mark.parametrize("only", ["train", "valid"])
+def test_rerun_with_fewer_splits_keeps_the_finished_ones(tmp_path, corpus, data_cfg_class, only):
+    """``--splits train`` on a finished data set must not drop 'valid' from the manifest (orphaning its
+    shards), nor ``--splits valid`` drop 'train': both were built with the same settings."""
+    from udmtrain.data import build_valid_loader
+
+    spec = SourceSpec(kind="files", inputs=[corpus[0]], valid_fraction=0.2)
+    out = str(tmp_path / "s")
+    first = prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False)
+    again = prepare(spec, "gpt2", 32, out, samples_per_shard=8, progress=False, splits=(only,))
+    on_disk = json.load(open(os.path.join(out, "manifest.json")))
+    assert on_disk["splits"] == again["splits"] == first["splits"]  # shards, hashes, stats and rates
+    cfg = data_cfg_class(out, out)
+    assert sum(len([k for k in b["sample_ids"] if k]) for b in build_valid_loader(cfg, 4, 0, 1)) == \
+        first["splits"]["valid"]["num_samples"]

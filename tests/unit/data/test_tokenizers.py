@@ -53,3 +53,48 @@ def test_sentencepiece_train_is_lossless(tmp_path, model_type):
 def test_sentencepiece_missing_model_names_the_fix(tmp_path):
     with pytest.raises(DataError, match="train_tokenizer.py"):
         load_tokenizer(str(tmp_path / "nope.model"))
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    """A real sentencepiece model (V=800) trained on part of the demo corpus."""
+    docs = [t for _, t in list(iter_demo_documents())[:60]]
+    out = str(tmp_path_factory.mktemp("sp") / "t.model")
+    train_sentencepiece(iter(docs), out, vocab_size=800)
+    return out, docs
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "empty"])
+def test_damaged_sentencepiece_model_names_the_file_and_the_fix(tmp_path, sp_model, damage):
+    """A file sentencepiece cannot parse is a one-line DataError (not 'INTERNAL: could not parse ModelProto')."""
+    blob = open(sp_model[0], "rb").read()
+    path = tmp_path / "tok.model"
+    path.write_bytes({"truncated": blob[:3000], "text": b"not a model\n", "empty": b""}[damage])
+    with pytest.raises(DataError) as err:
+        load_tokenizer(str(path))
+    message = str(err.value)
+    assert str(path) in message and "tools/train_tokenizer.py" in message and f"--out {path} --force" in message
+    assert "\n" not in message
+
+
+def test_damaged_gpt2_files_name_the_file(tmp_path):
+    (tmp_path / "vocab.json").write_text('{"a": 0, "b"')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(DataError, match=r"vocab\.json.*cannot be parsed.*restore") as err:
+        load_tokenizer(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_trained_model_is_written_atomically_and_independent_of_its_path(tmp_path, sp_model):
+    """The same text and settings give the same bytes wherever the model goes (sentencepiece would record
+    the output path in it), and nothing but the model and its .vocab is left behind."""
+    out, docs = sp_model
+    other = tmp_path / "elsewhere" / "u.model"
+    train_sentencepiece(iter(docs), str(other), vocab_size=800)
+    assert other.read_bytes() == open(out, "rb").read()
+    assert sorted(p.name for p in other.parent.iterdir()) == ["u.model", "u.vocab"]
+    assert (other.parent / "u.vocab").read_text(encoding="utf-8").splitlines()[:2] == ["<unk>\t0", "<s>\t0"]
+    before = other.read_bytes()
+    with pytest.raises(RuntimeError):  # sentencepiece refuses a vocabulary larger than the text allows
+        train_sentencepiece(iter(docs[:2]), str(other), vocab_size=100_000)
+    assert other.read_bytes() == before and sorted(p.name for p in other.parent.iterdir()) == ["u.model", "u.vocab"]
