@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one document per .txt file, or per blank-line-separated paragraph")
     p.add_argument("--tokenizer",
                    help="TOKENIZER.model (sentencepiece) | gpt2 | GPT2_DIR | hf:NAME_OR_DIR (any Hugging Face "
-                        "tokenizer.json, e.g. hf:bert-base-uncased or hf:path/to/dir); required except for sudoku/csv")
+                        "tokenizer.json, e.g. hf:bert-base-uncased or hf:path/to/dir) | ids:V (text files of "
+                        "decimal token ids below V, e.g. for an imported checkpoint); required except for sudoku/csv")
     p.add_argument("--seq-len", type=positive_int, help="sequence length (required except for sudoku/csv)")
     p.add_argument("--num-puzzles", type=positive_int,
                    help="sudoku: puzzles to generate (train + valid); csv: read at most this many rows")
