@@ -11,8 +11,12 @@ Puzzles: the validation split of ``--data`` (a Sudoku shard directory or pattern
 tools/prepare_data.py --source sudoku|csv, default: the recipe's data.valid_shards) or a
 ``quizzes,solutions`` CSV file. The puzzle and separator are clamped as the prompt; the sampler fills
 the solution. Sampler options as in tools/sample.py (flags or dotted ``sampler.*`` overrides).
-``--sweep`` runs every (sampler, steps) pair and writes OUT.csv (one row per setting, resumable: a
-rerun skips rows already there) and OUT.png (solved fraction vs steps, one line per sampler). A
+``--sweep`` runs every (sampler, steps) pair and writes OUT.csv (one row per setting, resumable) and
+OUT.png (solved fraction vs steps, one line per sampler). A rerun reuses the rows computed with the
+same settings and recomputes the others: the key is (sampler, steps) plus ``context_id``, a hash of
+everything else that changes a row (checkpoint and step, EMA, the puzzles themselves -- ``--data``,
+``--split``, ``--num-puzzles`` and so the clue range --, ``--seed``, ``--batch-size``, the other sampler
+options); it says what it reused. A
 sampler setting is ``NAME`` or ``NAME:key=value:...``; ``greedy`` is the recipe's sampler at
 temperature 1e-4 on the logits (argmax decoding), ``NAME:greedy`` the same for NAME; ``confidence`` is
 greedy by construction.
@@ -25,6 +29,8 @@ diffusion sampler options and ``--sweep`` do not apply to it.
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import os
 import sys
@@ -32,7 +38,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
-from udmtrain.utils.io import write_text_atomic  # noqa: E402
+from udmtrain.utils.io import check_writable, write_text_atomic  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +93,38 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> inf.Loaded:
     return loaded
 
 
+def check_outputs(out: str, sweep: bool) -> str:
+    """Fail before the work on an ``--out`` that cannot be written (with ``--sweep`` also OUT.csv and
+    OUT.png) or a sweep CSV without ``context_id`` (an older eval_sudoku's, whose rows cannot be told
+    apart); returns the stem of the sweep files."""
+    from udmtrain.eval.frontier import CONTEXT_FIELD
+
+    stem = out[:-5] if out.endswith(".json") else out
+    for path in [out] + ([stem + ".csv", stem + ".png"] if sweep else []):
+        check_writable(path, "--out")
+    if sweep and os.path.isfile(stem + ".csv"):
+        with open(stem + ".csv", newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+        if header and CONTEXT_FIELD not in header:
+            raise inf.InferenceError(f"--out {out}: {stem}.csv has no {CONTEXT_FIELD} column (an older eval_sudoku's "
+                                     "sweep), so its rows cannot be matched to their checkpoint and puzzles; move it "
+                                     "away or choose another --out")
+    return stem
+
+
+def sweep_context(loaded: inf.Loaded, args: argparse.Namespace, source: str, puzzles: list,
+                  overrides: list[str]) -> dict:
+    """Everything besides the swept (sampler, steps) that changes a sweep row (its resume key, hashed): the
+    weights, the puzzles (named and hashed: a regenerated data set at the same path differs) and the
+    sampling settings."""
+    digest = hashlib.sha256("\n".join(f"{p.quiz},{p.solution}" for p in puzzles).encode()).hexdigest()[:16]
+    return {"checkpoint": os.path.abspath(loaded.step_dir), "step": loaded.step, "ema": loaded.use_ema,
+            "data": os.path.abspath(source), "split": args.split, "num_puzzles": len(puzzles),
+            "puzzles_sha256": digest, "seed": args.seed, "batch_size": args.batch_size,
+            "sampler": {k: v for k, v in inf.sampler_settings(loaded).items() if k != "num_steps"},
+            "overrides": [o for o in overrides if not o.startswith("sampler.num_steps=")]}
+
+
 def main(argv: list[str] | None = None) -> int:
     from udmtrain.data.errors import DataError
     from udmtrain.eval import sudoku as ev
@@ -104,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                  for s in settings or []}
     except ValueError as err:
         raise inf.InferenceError(str(err)) from None
+    stem = check_outputs(args.out, bool(settings))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     loaded = _load(args, overrides)
     source = args.data or loaded.cfg.data.valid_shards
@@ -130,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['exact']:.3f} | cell accuracy {report['cell_accuracy']:.3f} | {len(puzzles)} puzzles, "
               f"{report['nfe']} NFE -> {args.out}", file=sys.stderr)
         return 0
-    from udmtrain.eval.frontier import run_sweep
+    from udmtrain.eval.frontier import context_id, run_sweep
 
     for spec in specs.values():  # every sampler setting must suit the run before the first one starts
         inf.with_sampler(loaded, overrides + spec)
-    stem = args.out[:-5] if args.out.endswith(".json") else args.out
+    context = sweep_context(loaded, args, str(source), puzzles, overrides)
     reports: list[dict] = []
 
     def one(setting: dict) -> dict:
@@ -147,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         return {"sampler_name": here.cfg.sampler.name, "nfe": report["nfe"], "num_puzzles": len(puzzles),
                 **{k: report[k] for m in ev.METRICS for k in (m, f"{m}_stderr")}}
 
-    rows = run_sweep(settings, one, stem + ".csv", key_fields=("sampler", "steps"))
+    rows = run_sweep(settings, one, stem + ".csv", key_fields=("sampler", "steps"), context=context)
     ev.plot_solve_rate(rows, stem + ".png")
-    write_text_atomic(args.out, json.dumps({**base, "csv": stem + ".csv", "png": stem + ".png",
-                                            "rows": rows, "reports": reports}, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps({**base, "context_id": context_id(context), "csv": stem + ".csv",
+                                            "png": stem + ".png", "rows": rows, "reports": reports}, indent=2) + "\n")
     print(json.dumps(rows, indent=1))
     return 0
 

@@ -21,7 +21,10 @@ recipe (e.g. a moved tokenizer). ``--out DIR`` receives:
     meta.json          source checkpoint, step, ema, dtype, vocab_size, num_parameters, sha256 of each file
 
 The write is atomic: everything goes to ``DIR.tmp-<pid>``, which is renamed to ``DIR`` at the end (a
-crash leaves no half export under DIR). An existing DIR is refused unless ``--force``.
+crash leaves no half export under DIR). An existing DIR is refused unless ``--force``, and ``--force``
+replaces only an empty directory or an earlier export that holds nothing but its own files: a run, a
+directory of several exports or anything else is refused with what it holds, and so is a DIR at,
+around or inside RUN_OR_STEP_DIR. ``--format rev_udm`` takes a file path (a directory is refused).
 
 Loading an export back (plain PyTorch + udmtrain, no engine, no checkpoint)::
 
@@ -68,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_OR_STEP_DIR", help="run dir, its checkpoints/ dir, or a step_XXXXXXXXXX dir")
     p.add_argument("--out", required=True, help="export directory (created with its parents; must not exist "
-                                                "unless --force)")
+                                                "unless --force); --format rev_udm: a .ckpt file")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the floating tensors")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--force", action="store_true", help="replace an existing --out: an empty directory or an earlier "
+                                                         "export (anything else is refused)")
     p.add_argument("--format", choices=["udmtrain", "rev_udm"], default="udmtrain",
                    help="udmtrain: a directory (default); rev_udm: a reference-layout .ckpt file (raw + EMA, fp32)")
     return p
@@ -96,12 +100,12 @@ def export_state_dict(model: Any, dtype: str) -> dict[str, Any]:
             for k, v in model.state_dict().items()}
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise inf.InferenceError(f"--out {out} already exists; pass --force to replace it, or choose another "
-                                 "directory")
-    if out.exists() and not out.is_dir():
-        raise inf.InferenceError(f"--out {out} exists and is not a directory; remove it or choose another path")
+def _check_out(out: Path, source: str | os.PathLike, force: bool) -> None:
+    """Refuse an ``--out`` at, around or inside the source, and (``--force``) anything but an empty
+    directory or an earlier export (``exports.check_out_dir``); create its parent."""
+    from udmtrain.train.exports import check_out_dir, is_replaceable_export
+
+    check_out_dir(out, [source], force, is_replaceable_export, "an export of tools/export_ckpt.py")
     out.parent.mkdir(parents=True, exist_ok=True)  # --out exports/x on a fresh clone: create exports/
 
 
@@ -154,30 +158,21 @@ def write_export(loaded: inf.Loaded, tmp: Path, final: Path, dtype: str) -> dict
 def export(path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True, dtype: str = "fp32",
            force: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Export the checkpoint at ``path`` into ``out`` atomically (see the module docstring); returns meta."""
+    from udmtrain.train.exports import swap_in
+
     final = Path(out).expanduser()
-    _check_out(final, force)  # before the (slow) load: fail fast
+    _check_out(final, path, force)  # before the (slow) load: fail fast
     loaded = inf.load_for_inference(path, overrides=overrides, use_ema=use_ema, device="cpu")
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         meta = write_export(loaded, tmp, final, dtype)
-        _check_out(final, force)  # someone may have created it meanwhile
-        trash = None
-        if final.exists():
-            trash = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.rename(final, trash)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if trash is not None:  # put the previous export back
-                os.rename(trash, final)
-            raise
+        _check_out(final, path, force)  # someone may have put something there meanwhile
+        swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
     return meta
 
 
@@ -199,9 +194,10 @@ def export_rev_udm(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
-    check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", directory=True)
-    if args.format == "rev_udm":
+    if args.format == "rev_udm":  # one file: a directory there is refused now, not after the conversion
+        check_writable(args.out, "--out")
         return export_rev_udm(args, inf.split_overrides(unknown))
+    check_writable(os.path.dirname(os.path.abspath(args.out)), "--out", directory=True)
     meta = export(args.path, args.out, use_ema=not args.no_ema, dtype=args.dtype, force=args.force,
                   overrides=inf.split_overrides(unknown))
     print(f"exported {meta['source_checkpoint']} (step {meta['step']}, {'EMA' if meta['ema'] else 'raw'} weights, "

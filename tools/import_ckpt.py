@@ -19,6 +19,11 @@ length, AUDM fusion); see docs/interop.md. ``--tokenizer``: ``auto`` (GPT-2 when
 it), ``gpt2`` or a GPT-2 directory, a sentencepiece ``.model``, ``ids:V``, or ``none`` (token ids with
 V from the checkpoint; the ``ids`` tokenizer). ``--precision bf16`` keeps the exact fp32 master
 weights. A report is printed as JSON; progress lines go to stderr.
+
+An existing ``--out`` is refused unless ``--force``, and ``--force`` replaces only an empty directory
+or an earlier import that nothing has been added to (a trained run, a directory holding the source or
+anything else is refused with what it holds). The run is written beside ``--out`` and renamed into
+place once it has been read back and compared, so a failed import leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1,
                    help="ranks of the fine-tuning run that will resume this checkpoint (spawns that many CPU "
                         "processes to write per-rank shards; default 1)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--force", action="store_true", help="replace an existing --out: an empty directory or an earlier "
+                                                         "import (anything else is refused)")
     return p
 
 

@@ -1,13 +1,19 @@
 """Sudoku end to end on tiny real runs (CPU): prepare_data --source sudoku, 3-step MDLM, AUDM and AR runs
-of the shipped Sudoku recipes through launch/pretrain.py, then eval_sudoku (single setting, a sweep, the
-AR run's left-to-right decoding) and eval_ppl, whose token count must leave the prompt out."""
+of the shipped Sudoku recipes through launch/pretrain.py, then eval_sudoku (single setting, a sweep and
+which of its rows a rerun may reuse, an output that cannot be written, the AR run's left-to-right
+decoding) and eval_ppl, whose token count must leave the prompt out."""
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from test_eval_tools import REPO, run
+
+sys.path.insert(0, str(REPO / "tests" / "faults"))
+
+from fault_helpers import assert_refused, call  # noqa: E402  (in-process tool runs, as the fault cases do)
 
 TINY = ["data.num_workers=0", "model.hidden_size=32", "model.num_blocks=1", "model.num_heads=2",
         "model.cond_dim=16", "engine.global_batch_size=4", "engine.micro_batch_size=4", "engine.precision=fp32",
@@ -54,6 +60,51 @@ def test_eval_sudoku_sweep_writes_csv_and_png(sudoku_runs):
     bad = run(REPO / "tools/eval_sudoku.py", "--ckpt", sudoku_runs / "runs" / "mdlm", "--num-puzzles", 2,
               "--sweep", "steps=2", "sampler=pc_gibbs", "--out", sudoku_runs / "bad.json", check=False)
     assert bad.returncode == 2 and not Path(sudoku_runs / "bad.csv").exists()  # refused before any run
+
+
+def test_eval_sudoku_sweep_reuses_only_rows_of_the_same_context(sudoku_runs, tmp_path, capsys):
+    """A rerun reuses a row only when the checkpoint, the puzzles (--data/--split/--num-puzzles), --seed and
+    --batch-size are the same; it used to hand back the rows of another data set or checkpoint."""
+    out = tmp_path / "sweep.json"
+    base = ["--ckpt", str(sudoku_runs / "runs" / "audm"), "--num-puzzles", "4", "--batch-size", "4",
+            "--sweep", "steps=2", "--out", str(out)]
+
+    def sweep(*extra):
+        code, output = call("eval_sudoku", [*base, *extra], capsys)
+        assert code == 0, output[-3000:]
+        return output, json.loads(out.read_text())
+
+    output, first = sweep()
+    assert "0 reused" in output and first["rows"][0]["num_puzzles"] == 4
+    output, again = sweep()
+    assert "1 reused" in output and again["rows"] == first["rows"]
+    variants = [["--num-puzzles", "3"], ["--split", "train"], ["--seed", "1"], ["--batch-size", "2"],
+                ["--ckpt", str(sudoku_runs / "runs" / "mdlm")], ["sampler.temperature=0.5"]]
+    for extra in variants:
+        output, report = sweep(*extra)
+        assert "0 reused" in output and "1 to compute" in output, (extra, output[-2000:])
+        assert report["context_id"] != first["context_id"] and len(report["rows"]) == 1
+    assert sweep("--num-puzzles", "3")[1]["rows"][0]["num_puzzles"] == 3  # each context keeps its own row
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert len(rows) == 1 + len(variants) and len({r["context_id"] for r in rows}) == len(rows)
+
+
+def test_eval_sudoku_unwritable_output_is_refused_before_the_work(sudoku_runs, tmp_path, capsys):
+    """An --out that is a directory (or, for a sweep, OUT.csv that is one) used to fail with
+    IsADirectoryError after the whole evaluation; a sweep CSV without context_id (an older eval_sudoku's)
+    cannot be matched to its settings and is refused too."""
+    ckpt = ["--ckpt", str(sudoku_runs / "runs" / "mdlm"), "--num-puzzles", "2"]
+    (tmp_path / "report").mkdir()
+    code, output = call("eval_sudoku", [*ckpt, "--out", str(tmp_path / "report")], capsys)
+    assert_refused(code, output, "--out", str(tmp_path / "report"), "is a directory")
+    (tmp_path / "sweep.csv").mkdir()
+    code, output = call("eval_sudoku", [*ckpt, "--sweep", "steps=2", "--out", str(tmp_path / "sweep.json")], capsys)
+    assert_refused(code, output, "--out", str(tmp_path / "sweep.csv"), "is a directory")
+    (tmp_path / "old.csv").write_text("sampler,steps,solved\nrecipe,2,1.0\n")
+    code, output = call("eval_sudoku", [*ckpt, "--sweep", "steps=2", "--out", str(tmp_path / "old.json")], capsys)
+    assert_refused(code, output, "--out", "old.csv", "context_id", "choose another --out")
+    assert "solved" not in output  # nothing was evaluated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.csv", "report", "sweep.csv"]
 
 
 def test_eval_ppl_counts_only_solution_tokens(sudoku_runs):

@@ -21,10 +21,18 @@ from udmtrain.interop.reference import write_checkpoint
 
 def export_reference(path: str | os.PathLike, out: str | os.PathLike, overrides: tuple[str, ...] | list[str] = (),
                      force: bool = False) -> dict[str, Any]:
-    """Write the run/step directory ``path`` as the rev_udm checkpoint file ``out``; returns a report."""
+    """Write the run/step directory ``path`` as the rev_udm checkpoint file ``out``; returns a report.
+
+    Refused before anything is loaded: an ``out`` that is a directory (this layout is one file), one
+    inside ``path``, and an existing file without ``force``."""
+    from udmtrain.train.exports import check_outside_sources
     from udmtrain.train.inference import load_for_inference, load_ema_shadow
 
     out = Path(out).expanduser()
+    if out.is_dir():
+        raise InteropError(f"--out {out} is a directory; --format rev_udm writes one .ckpt file: give the path of "
+                           "the file to write")
+    check_outside_sources(out, [path])
     if out.exists() and not force:
         raise InteropError(f"--out {out} already exists; pass --force to replace it")
     if not out.parent.is_dir():

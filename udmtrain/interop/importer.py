@@ -4,12 +4,15 @@
 build the model from that recipe, load the converted raw weights, create a DeepSpeed engine in-process
 (one gloo rank, CPU), set the EMA shadow to the converted EMA weights and save with the
 ``Checkpointer`` -- so the run is exactly what training would have written (``recipe.yaml``, DeepSpeed
-shards, ``rank0_state.pt`` with the EMA, ``meta.json``) and every tool reads it. The written weights
-are read back with ``load_for_inference`` and compared bit for bit before returning.
+shards, ``rank0_state.pt`` with the EMA, ``meta.json``) and every tool reads it. The run is written to
+the sibling ``out.tmp-<pid>``, its weights are read back with ``load_for_inference`` and compared bit
+for bit, and only then is it renamed to ``out``. ``force`` replaces only an empty directory or an
+earlier import (``is_imported_run``); an ``out`` at, around or inside ``src`` is always refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -103,8 +106,9 @@ def convert(ref: ReferenceCheckpoint, model: torch.nn.Module, fusion: str, maske
 
 
 def save_run(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor], vocab_size: int,
-             ema_num_updates: int, meta: dict[str, Any], world_size: int = 1) -> Path:
-    """Save ``model`` (raw weights loaded) + EMA as step 0 of the run ``cfg`` via the Checkpointer.
+             ema_num_updates: int, meta: dict[str, Any], world_size: int = 1, run_dir: Path | None = None) -> Path:
+    """Save ``model`` (raw weights loaded) + EMA as step 0 of the run ``cfg`` via the Checkpointer, into
+    ``run_dir`` (default: the recipe's own, ``run_dir_for(cfg)``; an import writes a temporary sibling).
 
     ``world_size == 1``: in-process as a single gloo rank (the group is created here if none exists,
     and torn down after). ``world_size > 1``: that many spawned CPU gloo ranks save together, so the
@@ -114,28 +118,30 @@ def save_run(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor
     import torch.distributed as tdist
 
     from udmtrain.engine import deepspeed_engine as dse
+    from udmtrain.train.build import run_dir_for
 
+    run_dir = run_dir_for(cfg) if run_dir is None else Path(run_dir)
     if world_size > 1:
-        return _spawn_save(cfg, model, ema_state, vocab_size, ema_num_updates, meta, world_size)
+        return _spawn_save(cfg, model, ema_state, vocab_size, ema_num_updates, meta, world_size, run_dir)
     created = not (tdist.is_available() and tdist.is_initialized())
     if created:
         dse.init_distributed("gloo")
     try:
         if tdist.get_world_size() != 1:
             raise ImportCheckpointError("import_ckpt runs as a single process; use --world-size, not a launcher")
-        return _save_collective(cfg, model, ema_state, vocab_size, ema_num_updates, meta)
+        return _save_collective(cfg, model, ema_state, vocab_size, ema_num_updates, meta, run_dir)
     finally:
         if created:
             dse.teardown()
 
 
 def _save_collective(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor], vocab_size: int,
-                     ema_num_updates: int, meta: dict[str, Any]) -> Path:
-    """Every rank of the current process group: engine, exact fp32 masters, EMA, Checkpointer save."""
+                     ema_num_updates: int, meta: dict[str, Any], run_dir: Path) -> Path:
+    """Every rank of the current process group: engine, exact fp32 masters, EMA, Checkpointer save into
+    ``run_dir``."""
     from udmtrain.engine import deepspeed_engine as dse
     from udmtrain.engine.optim import build_lr_schedule, build_optimizer
     from udmtrain.models.ema import EMA
-    from udmtrain.train.build import run_dir_for
     from udmtrain.train.checkpoint import Checkpointer
     from udmtrain.train.state import TrainState
     from udmtrain.utils.dist import get_world_size
@@ -150,18 +156,17 @@ def _save_collective(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torc
         ema = EMA(engine.module, decay=cfg.train.ema_decay)
     ema.load_state_dict({"decay": cfg.train.ema_decay, "num_updates": ema_num_updates, "shadow": ema_state})
     state = TrainState(step=0, ema=ema.state_dict())
-    saver = Checkpointer(run_dir_for(cfg), every=cfg.checkpoint.every, keep_last=0, resume="never")
+    saver = Checkpointer(run_dir, every=cfg.checkpoint.every, keep_last=0, resume="never")
     return saver.save(engine, 0, state, cfg.to_dict(), {"run_name": cfg.run.name, "vocab_size": vocab_size, **meta})
 
 
 def _spawn_save(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Tensor], vocab_size: int,
-                ema_num_updates: int, meta: dict[str, Any], world_size: int) -> Path:
+                ema_num_updates: int, meta: dict[str, Any], world_size: int, run_dir: Path) -> Path:
     """``save_run`` with ``world_size`` spawned gloo ranks (each rebuilds the model from the recipe)."""
     import torch.multiprocessing as mp
 
     from udmtrain.config import dump_yaml
     from udmtrain.engine import deepspeed_engine as dse
-    from udmtrain.train.build import run_dir_for
     from udmtrain.train.checkpoint import CHECKPOINTS, step_dir_name
 
     dse.build_ds_config(cfg.engine, world_size)  # a batch size that does not divide fails here, not in N ranks
@@ -171,8 +176,9 @@ def _spawn_save(cfg: Any, model: torch.nn.Module, ema_state: dict[str, torch.Ten
         Path(recipe).write_text(dump_yaml(cfg.to_dict()))
         port = str(_free_port())
         mp.start_processes(_spawned_rank, args=(world_size, port, recipe, vocab_size, raw, ema_state,
-                                                ema_num_updates, meta), nprocs=world_size, start_method="spawn")
-    return run_dir_for(cfg) / CHECKPOINTS / step_dir_name(0)
+                                                ema_num_updates, meta, run_dir), nprocs=world_size,
+                           start_method="spawn")
+    return run_dir / CHECKPOINTS / step_dir_name(0)
 
 
 def _free_port() -> int:
@@ -186,7 +192,7 @@ def _free_port() -> int:
 
 def _spawned_rank(rank: int, world_size: int, port: str, recipe: str, vocab_size: int,
                   raw: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor], ema_num_updates: int,
-                  meta: dict[str, Any]) -> None:
+                  meta: dict[str, Any], run_dir: Path) -> None:
     """One spawned rank of ``_spawn_save``."""
     from udmtrain.config import load_recipe
     from udmtrain.engine import deepspeed_engine as dse
@@ -199,7 +205,7 @@ def _spawned_rank(rank: int, world_size: int, port: str, recipe: str, vocab_size
         cfg = load_recipe(recipe)
         model = build_components(cfg, vocab_size, with_sampler=False).model
         model.load_state_dict(raw)
-        _save_collective(cfg, model, ema_state, vocab_size, ema_num_updates, meta)
+        _save_collective(cfg, model, ema_state, vocab_size, ema_num_updates, meta, run_dir)
     finally:
         dse.teardown()
     # The checkpoint is complete and the group destroyed: leave without the interpreter's shutdown, where
@@ -207,6 +213,25 @@ def _spawned_rank(rank: int, world_size: int, port: str, recipe: str, vocab_size
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def is_imported_run(path: str | os.PathLike) -> bool:
+    """True for a run directory that ``import_checkpoint`` wrote and nothing has added to since: only
+    ``checkpoints/``, holding ``latest`` and complete step directories whose meta.json records
+    ``imported_from``. What ``--force`` may replace; a trained or fine-tuned run is not one."""
+    from udmtrain.train.checkpoint import CHECKPOINTS, LATEST, is_complete
+
+    run = Path(path)
+    ckpts = run / CHECKPOINTS
+    if [c.name for c in run.iterdir()] != [CHECKPOINTS] or not ckpts.is_dir():
+        return False
+    steps = [c for c in ckpts.iterdir() if c.name != LATEST]
+    if not steps or not all(is_complete(c) for c in steps):
+        return False
+    try:
+        return all("imported_from" in json.loads((c / "meta.json").read_text()) for c in steps)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _stage(t0: float, message: str) -> None:
@@ -219,14 +244,13 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
                       eps: float | None = None, world_size: int = 1, force: bool = False) -> dict[str, Any]:
     """Import ``src`` into the run directory ``out`` (see the module docstring); returns a JSON-able report."""
     from udmtrain.train.build import build_components
+    from udmtrain.train.exports import check_out_dir, swap_in
     from udmtrain.train.inference import load_for_inference
 
     out = Path(out).expanduser().absolute()
     if world_size < 1:
         raise ImportCheckpointError(f"--world-size must be >= 1, got {world_size}")
-    if out.exists() and not force:
-        raise ImportCheckpointError(f"--out {out} already exists; pass --force to replace it, or choose another "
-                                    "directory")
+    check_out_dir(out, [src], force, is_imported_run, "an import of tools/import_ckpt.py")
     if not out.parent.is_dir():
         raise ImportCheckpointError(f"--out {out}: its parent directory {out.parent} does not exist")
     t0 = time.perf_counter()
@@ -247,27 +271,24 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, layout:
     dropped = int(ref.backbone["vocab_embed.embedding"].shape[0]) - int(model.vocab_size)
     meta = {"imported_from": {**ref.info, "ema_in_source": ref.ema_shadow is not None,
                               "dropped_vocab_rows": dropped, "source_config": ref.config}}
-    trash = None  # --force: the previous run is put aside and restored if this import fails
-    if out.exists():
-        trash = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.rename(out, trash)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # the recipe names ``out``; the run moves there at the end
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         _stage(t0, f"saving {out} through the Checkpointer")
-        step_dir = save_run(cfg, model, ema, V, ref.ema_num_updates, meta, world_size)
+        step_dir = save_run(cfg, model, ema, V, ref.ema_num_updates, meta, world_size, run_dir=tmp)
         _stage(t0, "reading the run back to compare the weights")
         for use_ema, want in ((False, raw), (True, ema)):  # read back through the tools' loader: bit-exact
-            got = load_for_inference(out, use_ema=use_ema).model.state_dict()
+            got = load_for_inference(tmp, use_ema=use_ema).model.state_dict()
             bad = [k for k in want if not torch.equal(got[k], want[k])]
             if bad:
-                raise ImportCheckpointError(f"{step_dir}: the saved {'EMA' if use_ema else 'raw'} weights differ "
+                raise ImportCheckpointError(f"{out}: the saved {'EMA' if use_ema else 'raw'} weights differ "
                                             f"from the converted ones at {bad[:3]}")
-    except BaseException:  # no half-written or wrong run is left under --out
-        shutil.rmtree(out, ignore_errors=True)
-        if trash is not None:
-            os.rename(trash, out)
+        check_out_dir(out, [src], force, is_imported_run, "an import of tools/import_ckpt.py")  # changed meanwhile?
+        swap_in(tmp, out)
+    except BaseException:  # no half-written or wrong run is left, and a replaced run stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    step_dir = out / step_dir.relative_to(tmp)
     return {"run_dir": os.fspath(out), "checkpoint": os.fspath(step_dir), "algo": algo_of(ref.config).name,
             "process": cfg.process.name, "parameterization": cfg.parameterization.name, "loss": cfg.loss.name,
             "sampler": cfg.sampler.name, "vocab_size": V, "dropped_vocab_rows": dropped,

@@ -176,22 +176,26 @@ def test_bf16_import_keeps_the_exact_fp32_weights(dist_group, tmp_path):
 
 
 def test_failed_import_leaves_no_run_and_keeps_the_forced_one(tmp_path, monkeypatch):
-    """A save that fails half-way leaves nothing under --out, and a --force import that fails restores
-    the run it was replacing; the CLI reports the failures as one line (exit 2)."""
+    """A save that fails half-way leaves nothing under or beside --out, and a --force import that fails
+    leaves the earlier import it was replacing as it was; the CLI reports the failures as one line (exit 2)."""
     from udmtrain.interop import importer
     from udmtrain.train.inference import run_cli
 
-    def broken_save(cfg, *args, **kwargs):
-        (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # something half-written, then a crash
+    def broken_save(cfg, *args, run_dir, **kwargs):
+        (run_dir / "checkpoints").mkdir(parents=True)  # something half-written, then a crash
         raise importer.ImportCheckpointError("disk full (simulated)")
 
     monkeypatch.setattr(importer, "save_run", broken_save)
     args = ["--from", "rev_udm", str(fixture("mdlm")), "--out", str(tmp_path / "run"), "--tokenizer", "none"]
     assert run_cli(tool("import_ckpt").main, args) == 2
-    assert not (tmp_path / "run").exists()
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "keep.txt").write_text("previous run")
+    assert not list(tmp_path.iterdir())
+    earlier = tmp_path / "run" / "checkpoints" / "step_0000000000"  # what is_imported_run recognises
+    (earlier / "ds").mkdir(parents=True)
+    (earlier / "meta.json").write_text(json.dumps({"imported_from": {"layout": "rev_udm"}}))
+    (earlier.parent / "latest").write_text(earlier.name + "\n")
+    assert importer.is_imported_run(tmp_path / "run")
     assert run_cli(tool("import_ckpt").main, args) == 2  # exists, no --force
     assert run_cli(tool("import_ckpt").main, args + ["--force"]) == 2
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no .old-* left behind
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "run", "run/checkpoints", "run/checkpoints/latest", "run/checkpoints/step_0000000000",
+        "run/checkpoints/step_0000000000/ds", "run/checkpoints/step_0000000000/meta.json"]  # no .tmp-* / .old-*
