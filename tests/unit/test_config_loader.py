@@ -168,3 +168,18 @@ def test_tool_flag_overrides_carry_their_flag_and_do_not_shift_the_users_numbers
     assert [t.origins[next(iter(t.origins))] for t in trees] == ["option --steps", "command line arg 1",
                                                                 "command line arg 2"]
     assert FlagOverride("a.b=1", "--x") == "a.b=1"  # still the plain override text everywhere else
+
+
+def test_auto_precision_is_decided_once_when_the_recipe_is_loaded():
+    """``engine.precision: auto`` -> bf16 with native bf16 units (CUDA with bf16, AVX512-BF16/AMX CPUs), else fp32;
+    the RunConfig (what the engine, autocast, checkpoints and the resume check read) never says 'auto'."""
+    from udmtrain.config import load_recipe
+    from udmtrain.utils.precision import native_bf16, resolve_precision
+
+    REPO = Path(__file__).resolve().parents[2]
+
+    expected = "bf16" if native_bf16()[0] else "fp32"
+    assert resolve_precision("auto")[0] == expected and resolve_precision("fp16") == ("fp16", None)
+    cfg = load_recipe(str(REPO / "recipes" / "quickstart.yaml"))
+    assert cfg.engine.precision == expected  # the quickstart recipes say auto
+    assert load_recipe(str(REPO / "recipes" / "quickstart.yaml"), ["engine.precision=bf16"]).engine.precision == "bf16"

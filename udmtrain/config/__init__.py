@@ -9,21 +9,28 @@ Entry points wrap ``main`` with ``exit_on_config_error`` (report on rank 0, exit
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from udmtrain.config.errors import ConfigError, ConfigIssue, exit_on_config_error, report_and_exit
 from udmtrain.config.loader import display_path, dump_yaml, load_tree
 from udmtrain.config.schema import COMPONENT_SECTIONS, ComponentSpec, RunConfig
 from udmtrain.config.validate import build_run_config
+from udmtrain.utils.precision import AUTO, resolve_precision
 
 
 def load_recipe(path: str, overrides: Sequence[str] = (), world_size: int = 1) -> RunConfig:
     """Load, merge, override and validate a recipe -> ``RunConfig`` (``ConfigError`` lists every issue).
 
     ``world_size`` is used for the batch arithmetic (global = micro x world x accumulation).
+    ``engine.precision: auto`` is resolved here to bf16 or fp32 for this machine (``udmtrain.utils.precision``).
     """
     tree = load_tree(path, overrides)
-    return build_run_config(tree, display_path(path), world_size)
+    run_config = build_run_config(tree, display_path(path), world_size)
+    if run_config.engine.precision == AUTO:  # decided once, here: everything downstream sees bf16 or fp32
+        precision, _ = resolve_precision(AUTO)
+        run_config = dataclasses.replace(run_config, engine=dataclasses.replace(run_config.engine, precision=precision))
+    return run_config
 
 
 __all__ = [

@@ -49,8 +49,10 @@ class EngineSection:
 
     zero_stage: int = 2
     """ZeRO stage 0-3 (0: plain data parallel, 1: optimizer states, 2: + gradients, 3: + parameters)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Training precision; log-probabilities in the losses stay fp32 regardless."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "bf16"
+    """Training precision; log-probabilities in the losses stay fp32 regardless. 'auto': bf16 where this
+    machine has bf16 units (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32 (CPUs without
+    them emulate bf16, ~4x slower); decided when the recipe is loaded and recorded in the run."""
     micro_batch_size: int = 16
     """Sequences per device per forward/backward."""
     global_batch_size: int = 512

@@ -100,4 +100,4 @@ def test_slow_bf16_note_only_when_bf16_is_slower():
     assert slow_bf16_note(200e9, 50e9) is None and slow_bf16_note(50e9, 50e9) is None
     note = slow_bf16_note(55e9, 236e9)
     assert note == ("note: this machine multiplies bf16 matrices at 55 GFLOP/s and fp32 at 236 GFLOP/s (no "
-                    "native bf16 units), so engine.precision=fp32 trains faster here")
+                    "native bf16 units), so engine.precision=fp32 (or auto) trains faster here")
