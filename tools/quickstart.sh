@@ -3,7 +3,7 @@
 # tiny models through the deepspeed launcher (AUDM, the AR baseline that judges gen_ppl offline, and
 # UDLM with the leave-one-out posterior for tools/loo_probe.py), then eval_ppl and gen_ppl.
 #
-#   bash tools/quickstart.sh                    # ~12 minutes on an idle 2-core CPU machine, install included (README)
+#   bash tools/quickstart.sh                    # ~7 minutes on an idle 2-core CPU machine, install included (README)
 #   NUM_PROCS=2 bash tools/quickstart.sh        # the same with two data-parallel CPU ranks (gloo)
 #   QUICKSTART_STEPS=5 bash tools/quickstart.sh # smoke test (CI): 5 steps per run, 4 samples; not a model
 #
