@@ -61,9 +61,17 @@ class BareStep:
         return int(tokens.item())
 
 
-if __name__ == "__main__":  # a module of tools/bench.py, not a command: say so instead of exiting silently
+
+def main(argv: list[str] | None = None) -> int:
+    """This module is imported by tools/bench.py, not run: print what it is and the command that uses it
+    (exit 0 for --help, else 2)."""
     import sys
 
-    print(__doc__.strip() + "\n\nRun it through: python tools/bench.py train --recipe RECIPE --compare-bare",
-          file=sys.stderr)
-    sys.exit(0 if any(a in ("-h", "--help") for a in sys.argv[1:]) else 2)
+    argv = sys.argv[1:] if argv is None else argv
+    print(__doc__.strip() + "\n\nIt is a module of tools/bench.py; run it through:\n"
+          "    python tools/bench.py train --recipe recipes/quickstart.yaml --compare-bare")
+    return 0 if any(a in ("-h", "--help") for a in argv) else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

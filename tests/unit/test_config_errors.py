@@ -280,7 +280,7 @@ def test_unknown_section_literal_bool_and_str(tmp_path):
     issues = by_path(issues_of(path))
     assert issues["optimizer"].message == "unknown section 'optimizer'; did you mean 'optim'?"
     assert issues["engine.precision"].message == "'bf61' is not an allowed value; did you mean 'bf16'?"
-    assert issues["engine.precision"].hint == "allowed: fp32, bf16, fp16"
+    assert issues["engine.precision"].hint == "allowed: auto, fp32, bf16, fp16"
     assert issues["engine.compile"].message == "expected bool, got 'yes' (str)"
     assert issues["checkpoint.resume"].message == "expected str, got 5 (int)"
     assert issues["checkpoint.resume"].hint == "quote it: '5'"

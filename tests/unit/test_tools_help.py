@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# every script of tools/ (a helper module such as tools/bench_bare.py, imported by tools/bench.py, has no
-# ``__main__`` block and is not an entry point)
+# every script of tools/ with a ``__main__`` block (tools/bench_bare.py, a module of tools/bench.py, has one
+# that says so and names the command that uses it)
 ENTRY_POINTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "tools").glob("*.py")
                       if '__name__ == "__main__"' in p.read_text(encoding="utf-8")) + ["launch/pretrain.py"]
 
