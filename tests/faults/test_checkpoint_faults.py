@@ -227,3 +227,12 @@ def test_inspect_ckpt_on_an_export_says_what_it_is(trained_run: Path, tmp_path: 
     assert code == 0, out
     code, out = call("inspect_ckpt", [str(out_dir)], capsys)
     assert_refused(code, out, str(out_dir), "is an export of tools/export_ckpt.py", f"--ckpt {out_dir}")
+
+
+def test_foreign_train_state_is_named_not_taken_for_a_run_without_ema(run_copy: Path, capsys) -> None:
+    """A model state dict in rank0_state.pt made the tools say 'holds no EMA weights (train.ema_decay was 0)'."""
+    path = step_dir(run_copy) / "rank0_state.pt"
+    torch.save({"embedding.weight": torch.zeros(4, 2)}, path)
+    code, out = call("sample", ["--ckpt", str(run_copy), "--num-samples", "1", "--steps", "2"], capsys)
+    line = assert_refused(code, out, str(path), "not a udmtrain train state")
+    assert "ema_decay" not in line

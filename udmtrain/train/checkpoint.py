@@ -437,9 +437,10 @@ def load_rank_state(step_dir: str | os.PathLike, rank: int) -> dict[str, Any]:
     """``rank{rank}_state.pt`` of ``step_dir`` loaded with ``weights_only=True`` (tensors and plain
     containers only; see :func:`udmtrain.utils.io.load_tensors`). A file holding anything else raises
     :class:`udmtrain.utils.io.UnsafeFileError`; nothing from it is executed."""
-    state = load_tensors(Path(step_dir) / f"rank{rank}_state.pt")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{Path(step_dir) / f'rank{rank}_state.pt'} is not a udmtrain train state")
+    path = Path(step_dir) / f"rank{rank}_state.pt"
+    state = load_tensors(path)
+    if not isinstance(state, dict) or "step" not in state:  # e.g. a model state dict copied over it
+        raise _damaged(path, ValueError("not a udmtrain train state: no 'step'"))
     return state
 
 
