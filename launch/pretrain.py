@@ -64,11 +64,11 @@ def main(argv: list[str]) -> int:
     from udmtrain.train.build import build_trainer
     from udmtrain.train.checkpoint import CheckpointError
     from udmtrain.engine.deepspeed_engine import RendezvousError
-    from udmtrain.utils.io import UnsafeFileError
+    from udmtrain.utils.io import OutputError, UnsafeFileError
 
     problem = _check_data(cfg)  # before any process group or JIT build: a missing corpus fails in seconds
     if problem is None:
-        from udmtrain.utils.io import OutputError, check_writable
+        from udmtrain.utils.io import check_writable
 
         try:
             check_writable(os.path.join(cfg.run.output_root, cfg.run.name), "run.output_root/run.name", directory=True)
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         run = build_trainer(cfg)
-    except (DataError, CheckpointError, UnsafeFileError, RendezvousError) as err:
+    except (DataError, CheckpointError, UnsafeFileError, RendezvousError, OutputError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"udmtrain: {err}", file=sys.stderr)
         from udmtrain.engine.deepspeed_engine import teardown

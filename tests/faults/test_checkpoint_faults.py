@@ -236,3 +236,23 @@ def test_foreign_train_state_is_named_not_taken_for_a_run_without_ema(run_copy: 
     code, out = call("sample", ["--ckpt", str(run_copy), "--num-samples", "1", "--steps", "2"], capsys)
     line = assert_refused(code, out, str(path), "not a udmtrain train state")
     assert "ema_decay" not in line
+
+
+def test_second_run_in_a_run_directory_in_use_is_refused(run_copy: Path, tiny_data: Path, capsys) -> None:
+    """Two runs of one run.name (e.g. started twice on other ports) would overwrite each other's checkpoints and
+    interleave metrics.jsonl; the run holding the directory's lock (here: this test) keeps it."""
+    from test_recipe_faults import pretrain_main
+
+    from udmtrain.utils.io import lock_directory
+
+    before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
+    held = lock_directory(run_copy)
+    try:
+        code, out = pretrain_main(_resume_argv(run_copy, tiny_data), capsys)
+    finally:
+        held.close()
+    assert_refused(code, out, f"run directory {run_copy} is in use", f"pid {os.getpid()}", "another run.name")
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
+    again = lock_directory(run_copy)  # released by the refused launch, and by this test: free again
+    assert again is not None
+    again.close()

@@ -76,8 +76,20 @@ def build_trainer(cfg: Any) -> Run:
     from udmtrain.train.state import TrainState
     from udmtrain.train.text_samples import build_text_samples, flat_hparams
     from udmtrain.train.trainer import TrainCheckpointer, Trainer
+    from udmtrain.utils.dist import broadcast_object
+    from udmtrain.utils.io import OutputError, lock_directory
 
     rank, world, device = dse.init_distributed()
+    # one run per run directory: rank 0 holds its lock until close(); every rank learns a refusal
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = lock_directory(run_dir_for(cfg))
+        except OutputError as err:
+            refusal = str(err)
+    refusal = broadcast_object(refusal, src=0)
+    if refusal is not None:
+        raise OutputError(refusal)
     manifest = check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
     torch.manual_seed(cfg.run.seed)
     vocab_size = resolve_vocab_size(cfg, manifest)
@@ -152,6 +164,8 @@ def build_trainer(cfg: Any) -> Run:
         if close_loader is not None:
             close_loader()
         dse.teardown()
+        if lock is not None:
+            lock.close()  # releases the run directory
 
     print0(f"udmtrain: run {cfg.run.name} -> {run_dir} | world {world} on {device} | "
            f"{sum(getattr(p, 'ds_numel', p.numel()) for p in engine.module.parameters()):,} parameters | "

@@ -115,3 +115,40 @@ def check_writable(path: str | os.PathLike, flag: str, directory: bool = False) 
 
 class OutputError(ValueError):
     """An output location (``--out`` and the like) that cannot be written."""
+
+
+LOCK_NAME = ".udmtrain.lock"
+"""The file a running training run holds an exclusive ``flock`` on, inside its run directory."""
+
+
+def lock_directory(path: str | os.PathLike, what: str = "run directory") -> IO | None:
+    """Create ``path`` and take an exclusive, non-blocking advisory lock on ``path/.udmtrain.lock``.
+
+    The lock lasts while the returned file stays open and ends with the process however it ends (the
+    kernel drops ``flock`` locks of a killed process), so it never goes stale. A lock another process
+    holds raises :class:`OutputError` naming that process (pid and host, written into the file). None
+    where the filesystem offers no locks (some network filesystems): then nothing is guarded.
+    """
+    import fcntl
+    import socket
+
+    os.makedirs(path, exist_ok=True)
+    lock_path = os.path.join(path, LOCK_NAME)
+    handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputError(f"{what} {path} is in use by a running run ({holder}); two runs writing one directory "
+                          "would overwrite each other's checkpoints and metrics: wait for it to finish, stop it, "
+                          "or pick another run.name") from None
+    except OSError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
