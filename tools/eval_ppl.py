@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
 from udmtrain.utils.io import check_writable, write_text_atomic  # noqa: E402
-from udmtrain.utils.io import write_text_atomic  # noqa: E402
 from udmtrain.utils.progress import progress  # noqa: E402
 
 

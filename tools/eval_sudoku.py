@@ -121,6 +121,7 @@ def sweep_context(loaded: inf.Loaded, args: argparse.Namespace, source: str, puz
     return {"checkpoint": os.path.abspath(loaded.step_dir), "step": loaded.step, "ema": loaded.use_ema,
             "data": os.path.abspath(source), "split": args.split, "num_puzzles": len(puzzles),
             "puzzles_sha256": digest, "seed": args.seed, "batch_size": args.batch_size,
+            "device": str(loaded.device),  # CUDA and CPU generators draw different numbers from one seed
             "sampler": {k: v for k, v in inf.sampler_settings(loaded).items() if k != "num_steps"},
             "overrides": [o for o in overrides if not o.startswith("sampler.num_steps=")]}
 

@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
 from udmtrain.utils.io import check_writable, write_text_atomic  # noqa: E402
-from udmtrain.utils.io import write_text_atomic  # noqa: E402
 from udmtrain.utils.progress import counting, progress  # noqa: E402
 
 SWEEP_KEYS = {"temperature": float, "top_p": float, "steps": int}
@@ -50,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=None, help="samples per sampler call (default: all)")
     p.add_argument("--judge", default="gpt2-large", help="udmtrain AR run/step dir | HF dir | HF hub id")
     p.add_argument("--judge-batch-size", type=positive_int, default=8)
-    p.add_argument("--judge-dtype", default="float32", help="Hugging Face judges: float32 | bfloat16 | float16")
+    p.add_argument("--judge-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="Hugging Face judges (a udmtrain AR judge runs in its recipe's precision)")
+    p.add_argument("--judge-no-ema", action="store_true",
+                   help="a udmtrain AR judge: its raw weights instead of the EMA (needed if it trained without EMA)")
     p.add_argument("--prefix-eos", action="store_true", help="prefix the judge's EOS to every sample")
     p.add_argument("--mauve-references", default=None, help="text file, one reference text per line")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_sweep(items: list[str], loaded: inf.Loaded) -> list[dict]:
+def parse_sweep(items: list[str], loaded: inf.Loaded, overrides: list[str] = ()) -> list[dict]:
     """``["temperature=0.8,1.0", ...]`` -> the grid; unswept keys keep the (flag-adjusted) recipe value."""
     from udmtrain.eval.frontier import grid
 
@@ -76,7 +78,23 @@ def parse_sweep(items: list[str], loaded: inf.Loaded) -> list[dict]:
             values[key] = [SWEEP_KEYS[key](v) for v in raw.split(",")]
         except ValueError:
             raise inf.InferenceError(f"--sweep {item!r}: values must be {SWEEP_KEYS[key].__name__}s") from None
-    return grid(values["temperature"], values["top_p"], values["steps"])
+    settings = grid(values["temperature"], values["top_p"], values["steps"])
+    seen: dict = {}
+    for setting in settings:  # 1 and 1.0 are one setting: a grid holding it twice is a typo, caught now
+        key = tuple(float(setting[k]) for k in ("steps", "temperature", "top_p"))
+        if key in seen:
+            raise inf.InferenceError(f"--sweep lists the setting {setting} twice (e.g. 1 and 1.0); remove the "
+                                     "repeated value")
+        seen[key] = setting
+    for setting in settings:  # every setting built once now (a bad value fails before any sampling)
+        inf.with_sampler(loaded, [*overrides, *setting_overrides(setting)])
+    return settings
+
+
+def setting_overrides(setting: dict) -> list[str]:
+    """The sampler overrides of one sweep setting on top of the run's (flags and dotted overrides)."""
+    return [f"sampler.num_steps={setting['steps']}", f"sampler.temperature={setting['temperature']}",
+            f"sampler.top_p={setting['top_p']}"]
 
 
 def score(loaded: inf.Loaded, judge, args, references) -> dict:
@@ -98,14 +116,23 @@ def score(loaded: inf.Loaded, judge, args, references) -> dict:
 
 def sweep_context(loaded: inf.Loaded, judge, args) -> dict:
     """Everything besides the swept values that changes a sweep row (its resume key, hashed)."""
+    import hashlib
+
     swept = {"num_steps", "temperature", "top_p"}
-    judge_name = str(judge.identity().get("name_or_path", args.judge))
-    judge_name = os.path.abspath(judge_name) if os.path.exists(judge_name) else judge_name  # a path or a hub id
+    judge_id = dict(judge.identity())
+    name = str(judge_id.get("name_or_path", args.judge))
+    judge_id["name_or_path"] = os.path.abspath(name) if os.path.exists(name) else name  # a path or a hub id
+    references = None
+    if args.mauve_references:  # their content, not their path: an edited file must not reuse rows
+        with open(args.mauve_references, "rb") as handle:
+            references = hashlib.sha256(handle.read()).hexdigest()
+    recipe = {k: v for k, v in loaded.cfg.to_dict().items() if k != "sampler"}  # e.g. a data.seq_len override
     return {"checkpoint": os.path.abspath(loaded.step_dir), "step": loaded.step, "ema": loaded.use_ema,
             "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size or args.num_samples,
+            "device": str(loaded.device), "recipe": recipe,
             "sampler": {k: v for k, v in inf.sampler_settings(loaded).items() if k not in swept},
-            "judge": judge_name, "judge_dtype": args.judge_dtype,
-            "prefix_eos": args.prefix_eos, "mauve_references": args.mauve_references}
+            "judge": judge_id, "judge_dtype": args.judge_dtype,
+            "prefix_eos": args.prefix_eos, "mauve_references": references}
 
 
 def report_name(setting: dict, cid: str) -> str:
@@ -127,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     inf.require_diffusion_run(args.ckpt, "tools/gen_ppl.py")
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema, device=device)
-    settings = parse_sweep(args.sweep, loaded) if args.sweep else None  # validate before loading the judge
-    judge = inf.judge_from_spec(args.judge, device=device, dtype=args.judge_dtype)
+    settings = parse_sweep(args.sweep, loaded, overrides) if args.sweep else None  # checked before the judge loads
+    judge = inf.judge_from_spec(args.judge, device=device, use_ema=not args.judge_no_ema, dtype=args.judge_dtype)
     references = None
     if args.mauve_references:
         with open(args.mauve_references, encoding="utf-8") as f:
@@ -146,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     context = sweep_context(loaded, judge, args)
 
     def generate_and_score(setting: dict) -> dict:
-        here = inf.with_sampler(loaded, overrides + [f"sampler.num_steps={setting['steps']}",
-                                                     f"sampler.temperature={setting['temperature']}",
-                                                     f"sampler.top_p={setting['top_p']}"])
+        here = inf.with_sampler(loaded, overrides + setting_overrides(setting))
         report = score(here, judge, args, references)
         write_text_atomic(os.path.join(args.out_dir, "reports", report_name(setting, context_id(context))),
                           json.dumps(report, indent=2) + "\n")

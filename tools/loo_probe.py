@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
-from udmtrain.utils.io import check_writable  # noqa: E402
+from udmtrain.utils.io import check_writable, write_text_atomic  # noqa: E402
 from udmtrain.utils.progress import counting, progress  # noqa: E402
 
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out_dir, "--out-dir", directory=True)
     overrides = ([f"sampler.num_steps={args.steps}"] if args.steps else []) + inf.split_overrides(unknown)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    inf.require_diffusion_run(args.ckpt, "tools/loo_probe.py")  # before --steps meets an AR recipe's empty sampler
     loaded = inf.load_for_inference(args.ckpt, overrides, use_ema=not args.no_ema, device=device)
     if args.positions > loaded.cfg.data.seq_len:
         raise inf.InferenceError(f"--positions {args.positions} exceeds the sequence length {loaded.cfg.data.seq_len} "
@@ -84,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                "num_samples": args.num_samples, "sample_seed": args.seed, "nfe": drawn["nfe"],
                                "time_value": "network sigma = -log alpha_t"})
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "probe.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_text_atomic(os.path.join(args.out_dir, "probe.json"), json.dumps(result, indent=2) + "\n")
     plot_probe_curve([(f"step {loaded.step}", result)], os.path.join(args.out_dir, "probe.png"))
     print(json.dumps({"mean_tv": result["mean_tv"], "curve": result["curve"],
                       "json": os.path.join(args.out_dir, "probe.json")}, indent=2))

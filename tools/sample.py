@@ -9,12 +9,14 @@
 Any registered sampler (``--sampler NAME``); its settings come from the flags or from dotted
 ``sampler.*`` overrides, validated by the recipe system (a bad key prints the recipe report, exit 2).
 Each JSONL line: ``{"index", "text", "token_ids", "nfe", "seed", "checkpoint", "step", "ema", "sampler"}``
-where ``seed`` is the seed of the sample's batch (batch i uses ``--seed + i``).
+where ``seed`` is the seed of the sample's batch (batch i: ``udmtrain.utils.seed.batch_seed(--seed, i)``, a
+hash, so runs with different ``--seed`` share no batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -25,7 +27,6 @@ from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
 from udmtrain.utils.io import atomic_open, check_writable  # noqa: E402
 from udmtrain.train.exports import is_export  # noqa: E402
-from udmtrain.utils.io import atomic_open  # noqa: E402
 from udmtrain.utils.progress import counting  # noqa: E402
 
 
@@ -37,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=None, help="samples per sampler call (default: all)")
-    p.add_argument("--prefix", default=None, help="text every sample starts with (clamped, BOS prepended)")
-    p.add_argument("--out", default=None, help="JSONL output (default: <run dir>/samples/<step dir>-seed<K>.jsonl; "
-                                               "for an export DIR: <DIR's parent>/samples/<DIR name>-seed<K>.jsonl)")
+    p.add_argument("--prefix", default=None, help="text every sample starts with (BOS prepended; refused when "
+                                                   "longer than the sequence)")
+    p.add_argument("--out", default=None, help="JSONL output (default: <run dir>/samples/<step dir>-<sampler>-<hash of "
+                                               "the settings>-seed<K>.jsonl; for an export DIR: <DIR's parent>/"
+                                               "samples/<DIR name>-<sampler>-<hash>-seed<K>.jsonl)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", type=device_name, default=None, help="cpu | cuda[:i] (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="do not print the samples")
@@ -69,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     step_dir = os.path.normpath(str(loaded.step_dir))
     # an export (tools/export_ckpt.py) keeps its directory clean too: exports/samples/<name>-seed<K>.jsonl
     run_dir = os.path.dirname(step_dir) if is_export(step_dir) else os.path.dirname(os.path.dirname(step_dir))
-    out = args.out or os.path.join(run_dir, "samples", f"{os.path.basename(step_dir)}-seed{args.seed}.jsonl")
+    # the name says what was drawn, so runs with other sampler settings never overwrite each other's samples
+    drawn_with = json.dumps({"sampler": settings, "ema": loaded.use_ema, "num_samples": args.num_samples,
+                             "batch_size": batch_size, "prefix": args.prefix, "device": str(loaded.device)},
+                            sort_keys=True, default=str)
+    tag = hashlib.sha256(drawn_with.encode()).hexdigest()[:8]
+    out = args.out or os.path.join(run_dir, "samples",
+                                   f"{os.path.basename(step_dir)}-{settings.get('name', 'sampler')}-{tag}"
+                                   f"-seed{args.seed}.jsonl")
     check_writable(out, "--out")
     protocol = loaded.protocol()
     with atomic_open(out) as f:

@@ -127,3 +127,48 @@ def test_rendezvous_port_collision(tiny_data: Path, tmp_path: Path) -> None:
                    timeout=180, extra_env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     assert_refused(proc.returncode, proc.stdout + proc.stderr, str(port), "--master_port", "MASTER_PORT")
+
+
+@pytest.mark.parametrize("sweep,culprit", [(["temperature=1.0,1", "steps=2"], "twice"),
+                                           (["steps=2,0"], "sampler.num_steps must be >= 1")])
+def test_gen_ppl_sweep_is_checked_whole_before_any_sampling(trained_run: Path, tmp_path: Path, capsys,
+                                                            sweep: list[str], culprit: str) -> None:
+    """A repeated setting was a traceback after the first rows were computed, a bad last value cost the grid
+    before it: every setting is now built before the judge loads (the judge here is never needed)."""
+    out_dir = tmp_path / "sweep"
+    code, out = call("gen_ppl", ["--ckpt", str(trained_run), "--num-samples", "2", "--judge", "no-such-judge",
+                                 "--out-dir", str(out_dir), "--sweep", *sweep], capsys)
+    assert_refused(code, out, culprit)
+    assert not out_dir.exists()
+
+
+def test_gen_ppl_sweep_rows_are_keyed_by_every_override_and_the_device(trained_run: Path) -> None:
+    """A data.seq_len=16 override reused the rows of full-length samples: the key held only the sampler."""
+    import argparse
+
+    from fault_helpers import tool
+
+    from udmtrain.eval.frontier import context_id
+    from udmtrain.train import inference as inf
+
+    class Judge:
+        def identity(self):
+            return {"kind": "fake", "name_or_path": "judge"}
+
+    args = argparse.Namespace(num_samples=2, seed=0, batch_size=None, judge="judge", judge_dtype="float32",
+                              prefix_eos=False, mauve_references=None)
+    key = lambda loaded: context_id(tool("gen_ppl").sweep_context(loaded, Judge(), args))  # noqa: E731
+    plain = inf.load_for_inference(trained_run)
+    assert key(plain) == key(inf.load_for_inference(trained_run))  # what a rerun reuses
+    assert key(plain) != key(inf.load_for_inference(trained_run, ["data.seq_len=16"]))
+    assert key(plain) != key(inf.with_sampler(plain, ["sampler.cache=false"]))
+
+
+def test_samples_of_other_settings_do_not_overwrite_each_other(run_copy: Path, capsys) -> None:
+    """The default file was <step>-seed<K>.jsonl whatever the sampler settings: a second run replaced the first."""
+    for steps in ("2", "3", "2"):
+        code, out = call("sample", ["--ckpt", str(run_copy), "--num-samples", "1", "--steps", steps, "--quiet"], capsys)
+        assert code == 0, out
+    names = sorted(p.name for p in (run_copy / "samples").iterdir())
+    assert len(names) == 2 and all(n.startswith("step_0000000002-ancestral-") and n.endswith("-seed0.jsonl")
+                                   for n in names), names  # the rerun of steps=2 rewrote its own file only

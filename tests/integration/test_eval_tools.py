@@ -128,7 +128,9 @@ def test_sample_writes_n_samples_of_seq_len(runs, tmp_path):
     proc = run(REPO / "tools/sample.py", "--ckpt", runs["audm"], "--num-samples", 3, "--batch-size", 2,
                "--steps", 5, "--seed", 7, "--out", out, "sampler.cache=false")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 and [r["seed"] for r in rows] == [7, 7, 8]
+    from udmtrain.utils.seed import batch_seed
+
+    assert len(rows) == 3 and [r["seed"] for r in rows] == [batch_seed(7, 0), batch_seed(7, 0), batch_seed(7, 1)]
     assert all(len(r["token_ids"]) == 32 and r["nfe"] == 5 for r in rows)
     assert all(r["sampler"]["num_steps"] == 5 and r["sampler"]["cache"] is False for r in rows)
     assert rows[0]["text"] in proc.stdout
@@ -155,7 +157,7 @@ def test_gen_ppl_with_the_ar_run_as_judge(runs, tmp_path):
     r = json.loads(out.read_text())
     assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and r["entropy"] > 0 and r["num_samples"] == 3
     assert r["judge"]["kind"] == "udmtrain_ar" and r["judge"]["step"] == 4
-    assert r["sampler"]["num_steps"] == 4 and r["seeds"]["batch_seeds"] == [0]
+    assert r["sampler"]["num_steps"] == 4 and r["seeds"]["batch_seeds"] == [__import__("udmtrain.utils.seed").utils.seed.batch_seed(0, 0)]
 
 
 def test_gen_ppl_sweep_is_resumable(runs, tmp_path):

@@ -74,14 +74,16 @@ def solve(sampler: Any, network: Callable, puzzles: Sequence[S.Puzzle], batch_si
           device: torch.device | str = "cpu", progress: bool = False) -> tuple[list[str], list[int]]:
     """Solutions (81 characters each) drawn by ``sampler`` for ``puzzles`` and the NFE of each batch.
 
-    Batch ``i`` uses a generator seeded with ``seed + i`` on ``device``."""
+    Batch ``i`` uses a generator seeded with ``udmtrain.utils.seed.batch_seed(seed, i)`` on ``device``."""
+    from udmtrain.utils.seed import batch_seed
+
     outputs: list[str] = []
     nfes: list[int] = []
     t0 = last = time.perf_counter()
     for i, start in enumerate(range(0, len(puzzles), batch_size)):
         chunk = puzzles[start:start + batch_size]
         tokens, prompt = prompt_batch(chunk, device)
-        generator = torch.Generator(device=device).manual_seed(seed + i)
+        generator = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
         out = sampler.sample(network, len(chunk), S.SEQ_LEN, generator, tokens, prompt_mask_BL=prompt)
         outputs.extend(S.decode_solution(row) for row in out.tokens_BL.cpu().numpy())
         nfes.append(int(out.nfe))

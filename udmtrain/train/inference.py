@@ -111,13 +111,14 @@ def load_ema_shadow(step_dir: str | os.PathLike) -> dict[str, torch.Tensor] | No
 
 
 def load_for_inference(ckpt: str | os.PathLike, overrides: Sequence[str] = (), use_ema: bool = True,
-                       device: str | torch.device = "cpu") -> Loaded:
+                       device: str | torch.device = "cpu", raw_weights_flag: str = "--no-ema") -> Loaded:
     """Resolve ``ckpt``, rebuild the run's components from its recipe and load the weights.
 
     Weights: the EMA shadow of rank 0's TrainState when ``use_ema`` (an error if the run kept no EMA),
     else the full fp32 weights merged from the DeepSpeed shards (``load_fp32_state_dict``: any ZeRO
     stage, fp32 or bf16). The vocabulary size is the one the run trained with (meta.json), checked
     against the tokenizer's. ``ConfigError`` for bad overrides; ``CheckpointNotFound`` for bad paths.
+    ``raw_weights_flag``: the caller's option for raw weights, named when the run kept no EMA.
     """
     from udmtrain.config import load_recipe
     from udmtrain.data.tokenizers import load_tokenizer
@@ -152,7 +153,7 @@ def load_for_inference(ckpt: str | os.PathLike, overrides: Sequence[str] = (), u
     if use_ema:
         shadow = load_ema_shadow(step_dir)
         if shadow is None:
-            raise InferenceError(f"{step_dir} holds no EMA weights (train.ema_decay was 0); use --no-ema "
+            raise InferenceError(f"{step_dir} holds no EMA weights (train.ema_decay was 0); use {raw_weights_flag} "
                              "(use_ema=False) to load the raw weights")
         wanted = set(model.state_dict())
         state = dict(shadow)
@@ -234,7 +235,7 @@ def judge_from_spec(spec: Any, device: str | torch.device = "cpu", use_ema: bool
     """``ARJudge`` for a udmtrain AR run/step directory; otherwise ``udmtrain.eval.gen_ppl.load_judge``
     (a Hugging Face hub id, a local Hugging Face directory, or a ``Judge`` object)."""
     if is_udmtrain_checkpoint(spec):
-        return ARJudge(load_for_inference(spec, use_ema=use_ema, device=device))
+        return ARJudge(load_for_inference(spec, use_ema=use_ema, device=device, raw_weights_flag="--judge-no-ema"))
     if isinstance(spec, (str, os.PathLike)) and os.path.exists(spec) and not os.path.isfile(
             os.path.join(spec, "config.json")):  # a local path is never looked up on the hub
         raise InferenceError(f"--judge {os.fspath(spec)!r} is neither a udmtrain run/step directory (with "
@@ -301,8 +302,8 @@ def draw_samples(loaded: Loaded, num_samples: int, batch_size: int, seed: int,
                  prefix_text: str | None = None, network: Any = None) -> dict:
     """``num_samples`` sequences of ``data.seq_len`` tokens from the recipe's sampler.
 
-    Batch ``i`` uses a generator seeded with ``seed + i`` (so any sample is reproducible from the
-    recorded seed); the last batch may be smaller. Returns ``{"tokens": [N, L] LongTensor, "nfe":
+    Batch ``i`` uses a generator seeded with ``udmtrain.utils.seed.batch_seed(seed, i)`` (recorded, so any
+    sample is reproducible; runs with different seeds share no batch); the last batch may be smaller. Returns ``{"tokens": [N, L] LongTensor, "nfe":
     [per batch], "seeds": [per batch], "batch_sizes": [...]}``.
     """
     sampler = loaded.components.sampler
@@ -314,16 +315,18 @@ def draw_samples(loaded: Loaded, num_samples: int, batch_size: int, seed: int,
     if num_samples < 1 or batch_size < 1:
         raise InferenceError(f"--num-samples ({num_samples}) and --batch-size ({batch_size}) must be >= 1")
     network = network if network is not None else loaded.network()
+    from udmtrain.utils.seed import batch_seed
+
     tokens, nfes, seeds, sizes = [], [], [], []
     for i, start in enumerate(range(0, num_samples, batch_size)):
         B = min(batch_size, num_samples - start)
-        generator = torch.Generator(device=loaded.device).manual_seed(seed + i)
+        generator = torch.Generator(device=loaded.device).manual_seed(batch_seed(seed, i))
         prefix_BL, prefix_len = encode_prefix(loaded, prefix_text, B)
         out = sampler.sample(network, B, int(loaded.cfg.data.seq_len), generator, prefix_BL=prefix_BL,
                              prefix_len=prefix_len)
         tokens.append(out.tokens_BL.cpu())
         nfes.append(int(out.nfe))
-        seeds.append(seed + i)
+        seeds.append(batch_seed(seed, i))
         sizes.append(B)
     return {"tokens": torch.cat(tokens), "nfe": nfes, "seeds": seeds, "batch_sizes": sizes}
 

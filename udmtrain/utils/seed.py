@@ -23,6 +23,13 @@ def derive_seed(seed: int, *keys: object) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The generator seed of sampling batch ``batch`` of a run seeded ``seed``: ``derive_seed(seed, "batch",
+    batch)``. Runs with seeds 0 and 1 share no batch (``seed + batch`` made batch 1 of seed 0 batch 0 of
+    seed 1, so "independent" seeds repeated most of their samples)."""
+    return derive_seed(seed, "batch", int(batch))
+
+
 def seed_everything(seed: int, rank: int = 0) -> int:
     """Seed python/numpy/torch (CPU and CUDA) with ``derive_seed(seed, "rank", rank)``; returns it.
 
