@@ -85,8 +85,9 @@ def main(argv: list[str]) -> int:
     try:
         run = build_trainer(cfg)
     except (DataError, CheckpointError, UnsafeFileError, RendezvousError, OutputError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"udmtrain: {err}", file=sys.stderr)
+        if world_size > 1:  # maybe this rank alone (its rank<r>_state.pt, its data cursor): say it, then leave
+            _leave_now(f"udmtrain: rank {os.environ.get('RANK', '0')}: {err}", 2)
+        print(f"udmtrain: {err}", file=sys.stderr)
         from udmtrain.engine.deepspeed_engine import teardown
 
         teardown()
@@ -100,13 +101,27 @@ def main(argv: list[str]) -> int:
     except DataError as err:  # a shard that turned out corrupt mid-run: one line, not a worker traceback
         if os.environ.get("UDMTRAIN_DEBUG") == "1":
             raise
-        print(f"udmtrain: rank {os.environ.get('RANK', '0')}: {err}", file=sys.stderr, flush=True)
         if world_size > 1:  # the other ranks wait in a collective: a teardown barrier would hang, so leave now
-            os._exit(2)
+            _leave_now(f"udmtrain: rank {os.environ.get('RANK', '0')}: {err}", 2)
+        print(f"udmtrain: {err}", file=sys.stderr, flush=True)
         return 2
-    finally:
+    except Exception:  # anything else on one rank (a bug, a full disk): its traceback, then out, not a silent hang
+        if world_size > 1:
+            import traceback
+
+            _leave_now(f"udmtrain: rank {os.environ.get('RANK', '0')} failed:\n{traceback.format_exc()}", 1)
+        raise
+    finally:  # not reached after _leave_now (os._exit)
         run.close()
     return 3 if reason == "nonfinite" else 0
+
+
+def _leave_now(message: str, code: int) -> None:
+    """Print ``message`` on this rank and exit at once, skipping the teardown barrier: with several ranks the
+    others may wait in a collective that this rank will never join (the launcher then stops them)."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _check_data(cfg) -> str | None:

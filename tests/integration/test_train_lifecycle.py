@@ -71,6 +71,48 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tiny_data, runs_root):
     assert steps == list(range(1, last + 3)), steps  # no step logged twice, none missing
 
 
+def test_ctrl_c_to_the_process_group_with_loader_workers_saves(tiny_data, runs_root):
+    """Ctrl-C signals the whole process group (launcher, 2 ranks, their DataLoader workers): a worker that died
+    of it made the next batch raise before the run could save (nothing was written). Workers now ignore it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    name = "ctrl_c_workers"
+    run_dir = runs_root / name
+    overrides = th.tiny_overrides(tiny_data, runs_root, name, "train.max_steps=100000", "data.num_workers=1")
+    proc = subprocess.Popen(th.command("recipes/quickstart.yaml", overrides, "deepspeed", 2), env=th._env(), cwd=th.REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(th.metrics(run_dir)) >= 5:
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert "on a signal; checkpoint written" in out, th.describe(result)  # (the launcher itself exits 130)
+    last = max(th.losses(run_dir))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:010d}"
+
+
+def test_a_rank_that_cannot_resume_says_so_and_the_job_ends(tiny_data, runs_root):
+    """Rank 1's damaged rank1_state.pt: its refusal was never printed (only rank 0 printed) and the job hung in
+    the teardown barrier until the launcher's timeout. Now that rank prints it and the job exits 2."""
+    name = "rank1_damaged"
+    run_dir = runs_root / name
+    first = th.run("recipes/quickstart.yaml", th.tiny_overrides(tiny_data, runs_root, name, "train.max_steps=2"),
+                   launcher="deepspeed", nproc=2)
+    th.check_ok(first, run_dir, 2)
+    state = th.step_dir(run_dir, 2) / "rank1_state.pt"
+    state.write_bytes(b"garbage")
+    again = th.run("recipes/quickstart.yaml", th.tiny_overrides(tiny_data, runs_root, name, "train.max_steps=4"),
+                   launcher="deepspeed", nproc=2, timeout=150)
+    assert again.returncode != 0, th.describe(again)
+    assert f"udmtrain: rank 1: {state}" in again.stderr + again.stdout, th.describe(again)
+
+
 NO_CHECKPOINT = ("the weights or the loss are not finite, so no checkpoint is written and the last good one "
                  "stays `latest`")
 

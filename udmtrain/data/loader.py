@@ -181,6 +181,17 @@ class _TrainStream(torch.utils.data.IterableDataset):
             yield {"_error": str(err)}
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGTERM. Ctrl-C and launchers signal the
+    whole process group; a worker that died of it made the next batch raise before the training process
+    could act on the signal (finish the step, save, exit), so nothing was saved. The main process stops
+    the workers itself (``close``), and PyTorch's workers exit on their own when it dies."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Infinite iterator of training batches with ``state_dict()``/``load_state_dict()`` (see module doc)."""
 
@@ -216,7 +227,7 @@ class TrainLoader:
             # a private generator for the DataLoader's worker base seed (unused: the stream seeds itself),
             # so starting the workers never draws from the global RNG a resume has just restored
             self._loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                                       prefetch_factor=2,
+                                                       prefetch_factor=2, worker_init_fn=ignore_stop_signals,
                                                        generator=torch.Generator().manual_seed(self.seed))
             self._it = iter(self._loader)
 
