@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     from udmtrain.engine.deepspeed_engine import RendezvousError
     from udmtrain.utils.io import OutputError, UnsafeFileError
 
-    problem = _check_data(cfg)  # before any process group or JIT build: a missing corpus fails in seconds
+    problem, manifest = _check_data(cfg)  # before any process group or JIT build: a missing corpus fails in seconds
     if problem is None:
         from udmtrain.utils.io import check_writable
 
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
         except OutputError as err:
             problem = str(err)
     if problem is None:  # a checkpoint this run cannot resume from: refused before DeepSpeed starts
-        problem = _check_resume(cfg, world_size)[1]
+        problem = _check_resume(cfg, world_size, manifest)[1]
     if problem is None:
         problem = _device_problem(cfg)
     if problem is not None:
@@ -124,19 +124,18 @@ def _leave_now(message: str, code: int) -> None:
     os._exit(code)
 
 
-def _check_data(cfg) -> str | None:
-    """The recipe's shards checked against their manifest; on a problem, the error plus the
-    ``prepare_data`` command that builds shards matching this recipe."""
+def _check_data(cfg):
+    """``(problem, manifest)``: the recipe's shards checked against their manifest; on a problem, the error
+    plus the ``prepare_data`` command that builds shards matching this recipe (and no manifest)."""
     from udmtrain.data.errors import DataError
     from udmtrain.data.manifest import check_manifest
 
     try:
-        check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
+        return None, check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
     except DataError as err:
         if not err.rebuild_fixes:  # its message already says what to do; new shards would not help
-            return str(err)
-        return f"{err}\nBuild shards for this recipe with:\n  {_prepare_command(cfg)}"
-    return None
+            return str(err), None
+        return f"{err}\nBuild shards for this recipe with:\n  {_prepare_command(cfg)}", None
 
 
 def _device_problem(cfg) -> str | None:
@@ -149,15 +148,16 @@ def _device_problem(cfg) -> str | None:
     return None
 
 
-def _check_resume(cfg, world_size: int | None) -> tuple[str, str | None]:
+def _check_resume(cfg, world_size: int | None, manifest=None) -> tuple[str, str | None]:
     """What ``checkpoint.resume`` resolves to (``"fresh run"`` or ``"<step dir> (step N)"``) and the reason
-    this recipe cannot resume from it (None if it can), from the checkpoint's recipe.yaml and meta.json."""
+    this recipe cannot resume from it (None if it can), from the checkpoint's recipe.yaml and meta.json.
+    ``manifest``: the checked shards' manifest, whose tokenizer record spares loading the tokenizer again."""
     from udmtrain.train.build import run_dir_for, run_identity
     from udmtrain.train.checkpoint import CheckpointError, preflight_resume
 
     try:
         found = preflight_resume(run_dir_for(cfg), cfg.checkpoint.resume, cfg.to_dict(), world_size,
-                                 run_identity(cfg))
+                                 run_identity(cfg, manifest))
     except CheckpointError as err:
         return "refused (the reason follows on stderr)", str(err)
     if found is None:

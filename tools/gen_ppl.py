@@ -114,7 +114,7 @@ def score(loaded: inf.Loaded, judge, args, references) -> dict:
             protocol={"model": loaded.protocol(), "nfe_per_batch": drawn["nfe"], "batch_sizes": drawn["batch_sizes"]})
 
 
-def sweep_context(loaded: inf.Loaded, judge, args) -> dict:
+def sweep_context(loaded: inf.Loaded, judge, args, references: list[str] | None = None) -> dict:
     """Everything besides the swept values that changes a sweep row (its resume key, hashed)."""
     import hashlib
 
@@ -122,17 +122,15 @@ def sweep_context(loaded: inf.Loaded, judge, args) -> dict:
     judge_id = dict(judge.identity())
     name = str(judge_id.get("name_or_path", args.judge))
     judge_id["name_or_path"] = os.path.abspath(name) if os.path.exists(name) else name  # a path or a hub id
-    references = None
-    if args.mauve_references:  # their content, not their path: an edited file must not reuse rows
-        with open(args.mauve_references, "rb") as handle:
-            references = hashlib.sha256(handle.read()).hexdigest()
+    # the MAUVE references' content, not their path: an edited file must not reuse rows
+    references_sha256 = hashlib.sha256("\n".join(references).encode()).hexdigest() if references else None
     recipe = {k: v for k, v in loaded.cfg.to_dict().items() if k != "sampler"}  # e.g. a data.seq_len override
     return {"checkpoint": os.path.abspath(loaded.step_dir), "step": loaded.step, "ema": loaded.use_ema,
             "num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size or args.num_samples,
             "device": str(loaded.device), "recipe": recipe,
             "sampler": {k: v for k, v in inf.sampler_settings(loaded).items() if k not in swept},
             "judge": judge_id, "judge_dtype": args.judge_dtype,
-            "prefix_eos": args.prefix_eos, "mauve_references": references}
+            "prefix_eos": args.prefix_eos, "mauve_references": references_sha256}
 
 
 def report_name(setting: dict, cid: str) -> str:
@@ -170,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['num_samples']} samples", file=sys.stderr)
         return 0
     os.makedirs(os.path.join(args.out_dir, "reports"), exist_ok=True)
-    context = sweep_context(loaded, judge, args)
+    context = sweep_context(loaded, judge, args, references)
 
     def generate_and_score(setting: dict) -> dict:
         here = inf.with_sampler(loaded, overrides + setting_overrides(setting))

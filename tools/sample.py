@@ -16,7 +16,6 @@ hash, so runs with different ``--seed`` share no batch).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from udmtrain.train import inference as inf  # noqa: E402
 from udmtrain.utils.argtypes import device_name, positive_int  # noqa: E402
 from udmtrain.utils.io import atomic_open, check_writable  # noqa: E402
+from udmtrain.eval.frontier import context_id  # noqa: E402
 from udmtrain.train.exports import is_export  # noqa: E402
 from udmtrain.utils.progress import counting  # noqa: E402
 
@@ -73,10 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     # an export (tools/export_ckpt.py) keeps its directory clean too: exports/samples/<name>-seed<K>.jsonl
     run_dir = os.path.dirname(step_dir) if is_export(step_dir) else os.path.dirname(os.path.dirname(step_dir))
     # the name says what was drawn, so runs with other sampler settings never overwrite each other's samples
-    drawn_with = json.dumps({"sampler": settings, "ema": loaded.use_ema, "num_samples": args.num_samples,
-                             "batch_size": batch_size, "prefix": args.prefix, "device": str(loaded.device)},
-                            sort_keys=True, default=str)
-    tag = hashlib.sha256(drawn_with.encode()).hexdigest()[:8]
+    tag = context_id({"sampler": settings, "ema": loaded.use_ema, "num_samples": args.num_samples,
+                      "batch_size": batch_size, "prefix": args.prefix, "device": str(loaded.device)})[:8]
     out = args.out or os.path.join(run_dir, "samples",
                                    f"{os.path.basename(step_dir)}-{settings.get('name', 'sampler')}-{tag}"
                                    f"-seed{args.seed}.jsonl")

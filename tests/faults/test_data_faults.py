@@ -267,7 +267,9 @@ def test_damaged_tokenizer_is_one_line_not_a_traceback(data_copy: Path, capsys) 
     line = assert_refused(code, out, str(model), "tools/train_tokenizer.py")
     assert "tokenizer.path" in line and "not found" not in line
     assert "Build shards for this recipe" not in out  # new shards would not mend the tokenizer
-    pretrain().main(["--recipe", str(REPO / "recipes/quickstart.yaml"), "--dry-run", *TINY, *data_overrides(data_copy)])
+    code = pretrain().main(["--recipe", str(REPO / "recipes/quickstart.yaml"), "--dry-run", *TINY,
+                            *data_overrides(data_copy)])
+    assert code == 0  # a dry run counts no parameters then, and says why
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err and str(model) in captured.out
     code = tool("prepare_data").main(_prepare_argv(data_copy / "again", model))

@@ -76,7 +76,8 @@ def main() -> None:
     summed = torch.full((4,), float(rank + 1))
     dist.inference_all_reduce(summed)
     (out / f"rank{rank}_shm.json").write_text(json.dumps({
-        "workspace_left": os.path.exists(dse.shm_workspace_path(rank)), "summed": summed.tolist()}))
+        "workspace": dse.shm_workspace_path(rank), "workspace_left": os.path.exists(dse.shm_workspace_path(rank)),
+        "summed": summed.tolist()}))
     for stage in map(int, args.stages.split(",")):
         straight, st = make_engine(stage, world, 0), TrainState()
         seed_everything(1, rank)

@@ -53,8 +53,10 @@ def test_two_rank_zero_resume_is_bit_identical(tmp_path):
     assert r0 != r1
     # DeepSpeed's CPU comm op makes a 67 MB /dev/shm file per rank and never removes it; init_distributed
     # unlinks the names once every rank has mapped them, and the mapped memory still reduces correctly
+    left = []
     for rank in (0, 1):
         shm = json.loads((tmp_path / f"rank{rank}_shm.json").read_text())
-        assert shm == {"workspace_left": False, "summed": [3.0] * 4}, (rank, shm)
-    left = [dse.shm_workspace_path(r, "127.0.0.1", str(port)) for r in (0, 1)]
-    assert not [p for p in left if os.path.exists(p)], f"the run left its shared memory behind: {left}"
+        assert (shm["workspace_left"], shm["summed"]) == (False, [3.0] * 4), (rank, shm)
+        assert shm["workspace"] == dse.shm_workspace_path(rank, "127.0.0.1", str(port))  # the name the op uses
+        left += [shm["workspace"]] if os.path.exists(shm["workspace"]) else []
+    assert not left, f"the run left its shared memory behind: {left}"

@@ -151,13 +151,15 @@ def test_missing_checkpoint_is_one_clear_line(tool, tmp_path):
 
 
 def test_gen_ppl_with_the_ar_run_as_judge(runs, tmp_path):
+    from udmtrain.utils.seed import batch_seed
+
     out = tmp_path / "g.json"
     run(REPO / "tools/gen_ppl.py", "--ckpt", runs["audm"], "--num-samples", 3, "--steps", 4, "--judge", runs["ar"],
         "--judge-batch-size", 2, "--out", out)
     r = json.loads(out.read_text())
     assert math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 and r["entropy"] > 0 and r["num_samples"] == 3
     assert r["judge"]["kind"] == "udmtrain_ar" and r["judge"]["step"] == 4
-    assert r["sampler"]["num_steps"] == 4 and r["seeds"]["batch_seeds"] == [__import__("udmtrain.utils.seed").utils.seed.batch_seed(0, 0)]
+    assert r["sampler"]["num_steps"] == 4 and r["seeds"]["batch_seeds"] == [batch_seed(0, 0)]
 
 
 def test_gen_ppl_sweep_is_resumable(runs, tmp_path):

@@ -84,13 +84,20 @@ def test_ctrl_c_to_the_process_group_with_loader_workers_saves(tiny_data, runs_r
     overrides = th.tiny_overrides(tiny_data, runs_root, name, "train.max_steps=100000", "data.num_workers=1")
     proc = subprocess.Popen(th.command("recipes/quickstart.yaml", overrides, "deepspeed", 2), env=th._env(), cwd=th.REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and len(th.metrics(run_dir)) >= 5:
-            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-            break
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=120)
+    deadline, sent = time.monotonic() + 180, False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").exists() and len(th.metrics(run_dir)) >= 5:
+                os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+                sent = True
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=120)
+    finally:  # never leave the launcher, its ranks or their workers running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert sent, f"the run never reached step 5:\n{err[-3000:]}"
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert "on a signal; checkpoint written" in out, th.describe(result)  # (the launcher itself exits 130)
     last = max(th.losses(run_dir))

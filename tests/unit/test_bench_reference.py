@@ -33,7 +33,9 @@ def test_rotary_stand_in_rotates_channel_pairs_by_their_angle():
 
 
 def test_a_directory_that_is_no_reference_checkout_is_refused(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "ddm.py").write_text("raise AssertionError('imported')\n")  # present, the rest missing
     code = _tool().main(["--reference-repo", str(tmp_path), "--steps", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and f"--reference-repo {tmp_path} is not a checkout" in err and "src/ddm.py" in err
-    assert "ddm" not in sys.modules  # nothing of a reference was imported
+    assert code == 2 and f"--reference-repo {tmp_path} is not a checkout" in err and "src/models/dit.py" in err
+    assert "ddm" not in sys.modules  # nothing of the named directory was imported

@@ -170,16 +170,17 @@ def test_tool_flag_overrides_carry_their_flag_and_do_not_shift_the_users_numbers
     assert FlagOverride("a.b=1", "--x") == "a.b=1"  # still the plain override text everywhere else
 
 
-def test_auto_precision_is_decided_once_when_the_recipe_is_loaded():
+@pytest.mark.parametrize("units,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_decided_once_when_the_recipe_is_loaded(monkeypatch, capsys, units, expected):
     """``engine.precision: auto`` -> bf16 with native bf16 units (CUDA with bf16, AVX512-BF16/AMX CPUs), else fp32;
     the RunConfig (what the engine, autocast, checkpoints and the resume check read) never says 'auto'."""
     from udmtrain.config import load_recipe
-    from udmtrain.utils.precision import native_bf16, resolve_precision
+    from udmtrain.utils import precision
 
     REPO = Path(__file__).resolve().parents[2]
-
-    expected = "bf16" if native_bf16()[0] else "fp32"
-    assert resolve_precision("auto")[0] == expected and resolve_precision("fp16") == ("fp16", None)
+    monkeypatch.setattr(precision, "native_bf16", lambda: (units, "the probe's reason"))
+    assert precision.resolve_precision("auto")[0] == expected and precision.resolve_precision("fp16") == ("fp16", None)
     cfg = load_recipe(str(REPO / "recipes" / "quickstart.yaml"))
     assert cfg.engine.precision == expected  # the quickstart recipes say auto
+    assert f"engine.precision=auto -> {expected} (the probe's reason)" in capsys.readouterr().err  # said, once
     assert load_recipe(str(REPO / "recipes" / "quickstart.yaml"), ["engine.precision=bf16"]).engine.precision == "bf16"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from udmtrain.utils.seed import batch_seed, derive_seed
+from udmtrain.utils.seed import batch_seed
 
 
 def test_batch_seeds_of_neighbouring_run_seeds_share_nothing():
@@ -10,5 +10,5 @@ def test_batch_seeds_of_neighbouring_run_seeds_share_nothing():
     runs = {seed: [batch_seed(seed, i) for i in range(64)] for seed in (-1, 0, 1, 2)}
     flat = [s for seeds in runs.values() for s in seeds]
     assert len(set(flat)) == len(flat)
-    assert runs[0][3] == batch_seed(0, 3) == derive_seed(0, "batch", 3)  # a pure function of (seed, batch)
+    assert batch_seed(0, 3) == 3922342476504907084  # pinned: recorded seeds must keep reproducing their samples
     assert all(0 <= s < 2**63 for s in flat)

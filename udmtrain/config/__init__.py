@@ -10,6 +10,8 @@ Entry points wrap ``main`` with ``exit_on_config_error`` (report on rank 0, exit
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Sequence
 
 from udmtrain.config.errors import ConfigError, ConfigIssue, exit_on_config_error, report_and_exit
@@ -28,7 +30,9 @@ def load_recipe(path: str, overrides: Sequence[str] = (), world_size: int = 1) -
     tree = load_tree(path, overrides)
     run_config = build_run_config(tree, display_path(path), world_size)
     if run_config.engine.precision == AUTO:  # decided once, here: everything downstream sees bf16 or fp32
-        precision, _ = resolve_precision(AUTO)
+        precision, why = resolve_precision(AUTO)
+        if os.environ.get("RANK", "0") == "0":  # the choice is said once, on stderr (tools print JSON on stdout)
+            print(f"udmtrain: engine.precision=auto -> {precision} ({why})", file=sys.stderr)
         run_config = dataclasses.replace(run_config, engine=dataclasses.replace(run_config.engine, precision=precision))
     return run_config
 

@@ -121,7 +121,7 @@ def check_ds_config(ds_config: dict[str, Any]) -> None:
     """Validate a DeepSpeed config dict against DeepSpeed's own schema without starting anything.
 
     Raises ValueError naming ``engine.deepspeed_extra`` and each rejected key (e.g. an unknown key under
-    ``zero_optimization``, a stage of 9), which ``deepspeed.initialize`` would otherwise raise as a
+    ``zero_optimization``, a value of the wrong type), which ``deepspeed.initialize`` would otherwise raise as a
     pydantic traceback after the process group is up. Batch sizes must be those of one rank.
     """
     from deepspeed.runtime.config import DeepSpeedConfig

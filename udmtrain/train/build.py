@@ -93,6 +93,7 @@ def build_trainer(cfg: Any) -> Run:
     manifest = check_manifest(cfg.data, expected_tokenizer=cfg.tokenizer)
     torch.manual_seed(cfg.run.seed)
     vocab_size = resolve_vocab_size(cfg, manifest)
+    identity = run_identity(cfg, manifest)  # checked on resume, recorded in every checkpoint
     components = build_components(cfg, vocab_size, with_sampler=False)
     # counted before deepspeed.initialize: ZeRO-3 empties the partitioned weights (numel 0)
     flops = flops_per_token(components.model, cfg.data.seq_len)
@@ -128,7 +129,7 @@ def build_trainer(cfg: Any) -> Run:
     resume_dir = checkpointer.find_resume()
     if resume_dir is not None:
         print0(f"resuming from {resume_dir}")
-        checkpointer.load(engine, resume_dir, state, recipe_dict, run_identity(cfg, manifest))
+        checkpointer.load(engine, resume_dir, state, recipe_dict, identity)
         apply_hyperparameters(created[0], cfg.optim.cfg)  # the current recipe's optim.* win on resume
         if state.data_cursor:  # empty for an imported checkpoint (tools/import_ckpt.py): the stream starts afresh
             train_loader.load_state_dict(state.data_cursor)
@@ -154,7 +155,7 @@ def build_trainer(cfg: Any) -> Run:
         state=state, max_steps=cfg.train.max_steps, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
         batches=batches, step_fn=step_fn, metrics=metrics, evaluator=evaluator,
         checkpointer=TrainCheckpointer(checkpointer, engine, state, train_loader, ema, recipe_dict,
-                                       {"run_name": cfg.run.name, **run_identity(cfg, manifest)}),
+                                       {"run_name": cfg.run.name, **identity}),
         signals=signals, timer=timer, throughput=throughput, exact_nll=not components.is_diffusion)
 
     def close() -> None:

@@ -40,10 +40,10 @@ from udmtrain.utils.rng import capture_rng_state, restore_rng_state
 _STEP_RE = re.compile(r"^step_(\d{10})$")
 LATEST = "latest"
 
-# Dotted recipe paths that change what the saved weights mean; a prefix ending in "." covers a section.
 CHECKPOINTS = "checkpoints"
 """A run directory's subdirectory of ``step_<10 digits>`` checkpoints and the ``latest`` pointer."""
 
+# Dotted recipe paths that change what the saved weights mean; a prefix ending in "." covers a section.
 ARCH_FIELDS = ("model.", "process.name", "parameterization.name", "data.tokenizer", "data.seq_len",
                "data.vocab_size", "tokenizer.")
 

@@ -303,7 +303,8 @@ def draw_samples(loaded: Loaded, num_samples: int, batch_size: int, seed: int,
     """``num_samples`` sequences of ``data.seq_len`` tokens from the recipe's sampler.
 
     Batch ``i`` uses a generator seeded with ``udmtrain.utils.seed.batch_seed(seed, i)`` (recorded, so any
-    sample is reproducible; runs with different seeds share no batch); the last batch may be smaller. Returns ``{"tokens": [N, L] LongTensor, "nfe":
+    sample is reproducible; runs with different seeds share no batch); the last batch may be smaller.
+    Returns ``{"tokens": [N, L] LongTensor, "nfe":
     [per batch], "seeds": [per batch], "batch_sizes": [...]}``.
     """
     sampler = loaded.components.sampler
@@ -320,13 +321,13 @@ def draw_samples(loaded: Loaded, num_samples: int, batch_size: int, seed: int,
     tokens, nfes, seeds, sizes = [], [], [], []
     for i, start in enumerate(range(0, num_samples, batch_size)):
         B = min(batch_size, num_samples - start)
-        generator = torch.Generator(device=loaded.device).manual_seed(batch_seed(seed, i))
+        seeds.append(batch_seed(seed, i))
+        generator = torch.Generator(device=loaded.device).manual_seed(seeds[-1])
         prefix_BL, prefix_len = encode_prefix(loaded, prefix_text, B)
         out = sampler.sample(network, B, int(loaded.cfg.data.seq_len), generator, prefix_BL=prefix_BL,
                              prefix_len=prefix_len)
         tokens.append(out.tokens_BL.cpu())
         nfes.append(int(out.nfe))
-        seeds.append(batch_seed(seed, i))
         sizes.append(B)
     return {"tokens": torch.cat(tokens), "nfe": nfes, "seeds": seeds, "batch_sizes": sizes}
 

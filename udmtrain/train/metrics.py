@@ -76,7 +76,8 @@ def slow_bf16_note(bf16_flops: float, fp32_flops: float) -> str | None:
     if bf16_flops >= fp32_flops:
         return None
     return (f"note: this machine multiplies bf16 matrices at {bf16_flops / 1e9:.0f} GFLOP/s and fp32 at "
-            f"{fp32_flops / 1e9:.0f} GFLOP/s (no native bf16 units), so engine.precision=fp32 (or auto) trains faster here")
+            f"{fp32_flops / 1e9:.0f} GFLOP/s (no native bf16 units), so engine.precision=fp32 (or auto) trains "
+            "faster here")
 
 
 def _sync(device: torch.device) -> None:
